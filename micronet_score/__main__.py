@@ -1,0 +1,3 @@
+from micronet_score.cli import main
+
+main()

@@ -1,0 +1,212 @@
+"""Rule sets as data: pydantic models of the TOML files in ``rules/`` and their loader.
+
+A rule set holds everything that turns raw counts into a MicroNet score: the tracks with their baselines and
+quality thresholds, the unit and accumulator widths, the freebie, the sparsity-mask and folding policies, and
+the price of every op family. Nothing in the counting code hard-codes these numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from micronet_score.errors import RuleError
+
+DEFAULT_RULES = "micronet-2019"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Cost(_Strict):
+    """Raw operation counts: multiplies, additions, and others (transcendentals, comparisons, bitwise)."""
+
+    mults: float = 0.0
+    adds: float = 0.0
+    others: float = 0.0
+
+    def scaled(self, n: float) -> Cost:
+        return Cost(mults=self.mults * n, adds=self.adds * n, others=self.others * n)
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(mults=self.mults + other.mults, adds=self.adds + other.adds, others=self.others + other.others)
+
+
+class OpRule(_Strict):
+    """The price of one op family: ``elements * per_element + groups * per_group``.
+
+    What the elements and groups of an op are is fixed by its family (for a dot product: the terms and the
+    outputs; for a reduction: the inputs and the outputs; for an elementwise op: the output elements).
+    """
+
+    per_element: Cost = Cost()
+    per_group: Cost = Cost()
+
+    def cost(self, elements: float, groups: float = 0.0) -> Cost:
+        return self.per_element.scaled(elements) + self.per_group.scaled(groups)
+
+    @model_validator(mode="after")
+    def _per_element_not_negative(self) -> OpRule:
+        for field in ("mults", "adds", "others"):
+            if getattr(self.per_element, field) < 0:
+                raise ValueError(f"per_element.{field} must not be negative")
+        return self
+
+
+class Comparison(str, Enum):
+    ge = "ge"
+    le = "le"
+    gt = "gt"
+    lt = "lt"
+
+    @property
+    def symbol(self) -> str:
+        return {"ge": ">=", "le": "<=", "gt": ">", "lt": "<"}[self.value]
+
+    def holds(self, value: float, threshold: float) -> bool:
+        return {
+            "ge": value >= threshold,
+            "le": value <= threshold,
+            "gt": value > threshold,
+            "lt": value < threshold,
+        }[self.value]
+
+
+class Track(_Strict):
+    """A task of the challenge: its baseline (the score's denominators) and its quality threshold."""
+
+    title: str
+    baseline_model: str
+    baseline_params: PositiveFloat
+    baseline_flops: PositiveFloat
+    metric: Literal["top1_correct", "top1_accuracy", "perplexity"]
+    metric_title: str = ""
+    threshold: float = Field(ge=0)
+    comparison: Comparison
+    per: Literal["sample", "token"]
+    test_size: PositiveInt | None = None
+    vocabulary: PositiveInt | None = None
+    input_shape: list[PositiveInt] | None = None
+
+    def qualifies(self, value: float) -> bool:
+        """Whether a quality value meets the threshold exactly as the rules compare it (no rounding)."""
+        return not math.isnan(value) and self.comparison.holds(value, self.threshold)
+
+
+class Freebie(_Strict):
+    """Unquantized entries may count parameters and multiplies at 16 bits; additions stay at 32."""
+
+    param_bits: PositiveInt
+    mult_bits: PositiveInt
+    add_bits: PositiveInt
+    other_bits: PositiveInt
+    max_quantized_bits: PositiveInt = Field(
+        description="the freebie is forbidden when any value is quantized below this width"
+    )
+
+
+class MaskPolicy(_Strict):
+    bits_per_element: float = Field(ge=0)
+    bits_per_block: float = Field(ge=0)
+    block_sparsity: bool
+    only_sparse_tensors: bool
+
+
+class FoldingPolicy(_Strict):
+    batch_norm_after_linear: Literal["bias", "scale_shift"]
+    batch_norm_elsewhere: Literal["scale_shift"]
+    layer_norm_affine: Literal["keep", "fold"]
+
+
+class RuleSet(_Strict):
+    """A complete rule set. ``ops`` may omit families: ops of a missing family are reported as uncounted."""
+
+    name: str
+    title: str
+    description: str = ""
+    unit_bits: PositiveInt
+    accumulator_bits: PositiveInt
+    default_bits: PositiveInt
+    freebie: Freebie
+    mask: MaskPolicy
+    folding: FoldingPolicy
+    tracks: dict[str, Track]
+    ops: dict[str, OpRule]
+    source: str = Field(default="", exclude=True)
+
+    def track(self, name: str) -> Track:
+        """The track called ``name`` (case, '-' and '_' ignored: 'CIFAR-100' finds 'cifar100')."""
+        key = track_key(name)
+        for track_name, track in self.tracks.items():
+            if track_key(track_name) == key or track_key(track.title) == key:
+                return track
+        known = ", ".join(self.tracks)
+        raise RuleError(self.source or self.name, "tracks", f"no track {name!r} (known: {known})")
+
+    def track_name(self, name: str) -> str:
+        track = self.track(name)
+        return next(k for k, v in self.tracks.items() if v is track)
+
+    def score(self, params: float, flops: float, track: str) -> float:
+        """Score = storage / baseline storage + operations / baseline operations (both 32-bit equivalents)."""
+        t = self.track(track)
+        return params / t.baseline_params + flops / t.baseline_flops
+
+
+def track_key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+def bundled_rule_names() -> list[str]:
+    """Names of the rule sets shipped with micronet-score."""
+    folder = resources.files("micronet_score.rules")
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _read_source(name_or_path: str | Path) -> tuple[str, str]:
+    text_name = str(name_or_path)
+    path = Path(text_name)
+    if path.suffix == ".toml" or path.exists() or "/" in text_name:
+        if not path.is_file():
+            raise RuleError(text_name, None, "no such file")
+        try:
+            return text_name, path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RuleError(text_name, None, f"cannot read it ({exc})") from None
+    if text_name not in bundled_rule_names():
+        known = ", ".join(bundled_rule_names())
+        raise RuleError(text_name, None, f"no bundled rule set of that name (bundled: {known}; or give a .toml file)")
+    resource = resources.files("micronet_score.rules") / f"{text_name}.toml"
+    return f"{text_name} (bundled)", resource.read_text(encoding="utf-8")
+
+
+def load_rules(name_or_path: str | Path | RuleSet = DEFAULT_RULES) -> RuleSet:
+    """Load a bundled rule set by name, or a rule file by path; errors name the file, the key and the problem."""
+    if isinstance(name_or_path, RuleSet):
+        return name_or_path
+    source, text = _read_source(name_or_path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RuleError(source, None, f"not valid TOML ({exc})") from None
+    try:
+        return RuleSet.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"]) or None
+        problem = error["msg"]
+        if error["type"] == "missing":
+            problem = "required key is missing"
+        elif "input" in error and error["type"] != "missing":
+            problem = f"{problem} (got {error['input']!r})"
+        more = len(exc.errors()) - 1
+        if more:
+            problem += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise RuleError(source, key, problem) from None

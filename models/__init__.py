@@ -1,0 +1,1 @@
+"""Bundled model architectures, installed as ``micronet_score.models`` and registered by name."""
