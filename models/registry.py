@@ -1,0 +1,64 @@
+"""The registry of bundled architectures, by name.
+
+Each architecture module in this package registers itself with :func:`register`; :func:`get` and
+:func:`names` import every module of the package first, so that adding an architecture needs no list edited.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from micronet_score.errors import MicronetError
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build, recognise and feed one bundled architecture."""
+
+    name: str
+    title: str
+    track: str
+    build: Callable[[Mapping[str, Any]], Any]
+    """Build the model (an ``nn.Module``) from a configuration mapping."""
+    default_config: Mapping[str, Any] = field(default_factory=dict)
+    config_from_state_dict: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    """Infer the configuration from a state dict's keys and shapes, where the shapes determine it."""
+    example_inputs: Callable[[Any], tuple] | None = None
+    """Example inputs for counting without data, given the built model."""
+    aliases: tuple[str, ...] = ()
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    for key in (spec.name, *spec.aliases):
+        if key in _REGISTRY and _REGISTRY[key] is not spec:
+            raise ValueError(f"model name {key!r} registered twice")
+        _REGISTRY[key] = spec
+    return spec
+
+
+def _import_all() -> None:
+    package = importlib.import_module("micronet_score.models")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "registry" and not info.name.startswith("_"):
+            importlib.import_module(f"micronet_score.models.{info.name}")
+
+
+def names() -> list[str]:
+    """The names of the bundled architectures (aliases excluded)."""
+    _import_all()
+    return sorted({spec.name for spec in _REGISTRY.values()})
+
+
+def get(name: str) -> ModelSpec:
+    """The architecture registered as ``name``; a clear error listing the known names otherwise."""
+    _import_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MicronetError(f"no bundled model {name!r} (bundled: {', '.join(names()) or 'none'})") from None
