@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from micronet_score.models.registry import ModelSpec, register
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from micronet_score.errors import MicronetError
-from micronet_score.models.registry import ModelSpec, register
 
 WT103_VOCABULARY = 267_735
 WT103_SPLITS = (2800, 20000, 76000)

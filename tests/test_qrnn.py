@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from micronet_score.models import qrnn
+from micronet_score.models.registry import get
 from torch.nn import functional as F
 
 from micronet_score.errors import MicronetError
-from micronet_score.models import qrnn
-from micronet_score.models.registry import get
 
 SMALL = {"vocabulary": 60, "emsize": 6, "nhid": 10, "nlayers": 3, "splits": [10, 25, 40]}
 

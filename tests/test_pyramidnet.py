@@ -1,0 +1,213 @@
+"""PyramidNet-272 and Wave Computing's pruned variant in its three key formats (checkpoints generated here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from micronet_score.models import pyramidnet, wave_pyramidnet
+from micronet_score.models.registry import get
+
+from micronet_score.errors import MicronetError
+
+# The spec's per-stage widths (B.1), first and last blocks of each stage.
+SPEC_WIDTHS = {0: (18, 20, 23, 83), 1: (85, 87, 89, 149), 2: (152, 154, 156, 216)}
+EPS = 1e-5
+
+
+def test_widths_match_the_spec():
+    stages = pyramidnet.stage_widths(272, 200)
+    for s, (a, b, c, last) in SPEC_WIDTHS.items():
+        assert stages[s][:3] == [a, b, c] and stages[s][-1] == last and len(stages[s]) == 30
+    assert sum(map(sum, stages)) == 10_540  # the spec's sum of planes
+
+
+def test_pyramidnet_272_parameter_count_on_meta():
+    spec = get("pyramidnet")
+    with torch.device("meta"):
+        model = spec.build(spec.default_config)
+    params = dict(model.named_parameters())
+    assert sum(p.numel() for p in params.values()) == 26_288_692  # B.1
+    assert sum(p.numel() for k, p in params.items() if "conv" in k) == 25_991_328
+    assert sum(p.numel() for k, p in params.items() if "bn" in k) == 210_864
+    assert sum(p.numel() for k, p in params.items() if k.startswith("fc")) == 86_500
+
+
+def test_pyramidnet_forward_applies_shakedrop_expectation():
+    model = pyramidnet.PyramidNet(depth=11, alpha=12, num_classes=10).eval()  # 1 block per stage
+    assert [b.shake_drop.p_drop for s in (model.layer1, model.layer2, model.layer3) for b in s] == [
+        pytest.approx(0.5 / 3), pytest.approx(1 / 3), pytest.approx(0.5)]
+    block = model.layer2[0]
+    x = torch.randn(1, block.bn1.num_features, 8, 8)
+    with torch.no_grad():
+        out = block(x)
+        block.shake_drop.p_drop = 1.0  # residual branch off: only the pooled, zero-padded shortcut is left
+        shortcut = block(x)
+    assert out.shape == shortcut.shape == (1, 4 * block.conv3.out_channels // 4, 4, 4)
+    pooled = torch.nn.functional.avg_pool2d(x, 2)
+    torch.testing.assert_close(shortcut[:, : x.shape[1]], pooled)
+    assert torch.count_nonzero(shortcut[:, x.shape[1]:]) == 0
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Wave Computing checkpoints, written out by hand from the spec's key list (B.3)
+
+
+def rank(name: str) -> tuple[int, int]:
+    """Made-up ranks, different per layer."""
+    h = sum(map(ord, name))
+    return 1 + h % 3, 2 + h % 4
+
+
+def blocks():
+    """(prefix, inplanes, planes, kernel-3 stride) of every block of PyramidNet-272."""
+    inplanes = 16
+    for s, planes_list in enumerate(pyramidnet.stage_widths(272, 200)):
+        for b, planes in enumerate(planes_list):
+            yield f"layer{s + 1}.{b}", inplanes, planes
+            inplanes = 4 * planes
+
+
+def sparse_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+
+    def rand(*shape):
+        return 0.3 * torch.randn(*shape, generator=gen)
+
+    def conv(name, cin, cout, k):
+        r_a, r_g = rank(name)
+        sd[f"{name}.basis.sequential.0.conv.weight"] = rand(r_a, cin, 1, 1)
+        sd[f"{name}.basis.sequential.1.weight"] = rand(r_g, r_a, k, k)
+        sd[f"{name}.basis.sequential.2.conv.weight"] = rand(cout, r_g, 1, 1)
+
+    def bn(name, c):
+        sd[f"{name}.weight"] = 0.5 + torch.rand(c, generator=gen)
+        sd[f"{name}.bias"] = rand(c)
+        sd[f"{name}.running_mean"] = rand(c)
+        sd[f"{name}.running_var"] = 0.5 + torch.rand(c, generator=gen)
+        sd[f"{name}.num_batches_tracked"] = torch.tensor(100)
+
+    conv("conv1", 3, 16, 3)
+    bn("bn1", 16)
+    for prefix, inplanes, planes in blocks():
+        bn(f"{prefix}.bn1", inplanes)
+        conv(f"{prefix}.conv1", inplanes, planes, 1)
+        bn(f"{prefix}.bn2", planes)
+        conv(f"{prefix}.conv2", planes, planes, 3)
+        bn(f"{prefix}.bn3", planes)
+        conv(f"{prefix}.conv3", planes, 4 * planes, 1)
+        bn(f"{prefix}.bn4", 4 * planes)
+    bn("bn_final", 864)
+    r_a, r_g = rank("fc")
+    sd["fc.basis.sequential.0.linear.weight"] = rand(r_a, 865)
+    sd["fc.basis.sequential.1.weight"] = rand(r_g, r_a)
+    sd["fc.basis.sequential.2.linear.weight"] = rand(100, r_g)
+    return sd
+
+
+MERGES = [("conv1", "bn1")] + [
+    (f"{prefix}.conv{i}", f"{prefix}.bn{i + 1}") for prefix, _, _ in blocks() for i in (1, 2, 3)
+]
+
+
+def merge_batch_norms(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Submissions 2/3: fold each BN that follows a conv into its rotation G (which gains a bias)."""
+    out = dict(sd)
+    for conv, bn in MERGES:
+        scale = out[f"{bn}.weight"] / torch.sqrt(out[f"{bn}.running_var"] + EPS)
+        weight = out.pop(f"{conv}.basis.sequential.2.conv.weight")
+        out[f"{conv}.basis.sequential.2.weight"] = weight * scale.view(-1, 1, 1, 1)
+        out[f"{conv}.basis.sequential.2.bias"] = out[f"{bn}.bias"] - out[f"{bn}.running_mean"] * scale
+        for entry in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            del out[f"{bn}.{entry}"]
+    return out
+
+
+PARAMETERLESS_LEAVES = (
+    [f"{prefix}.{leaf}" for prefix, _, _ in blocks() for leaf in ("relu", "shake_drop")]
+    + ["layer2.0.downsample", "layer3.0.downsample", "relu_final", "avgpool"]
+)
+
+
+def quantize_keys(sd: dict[str, torch.Tensor], bp: int = 6) -> dict[str, torch.Tensor]:
+    """The quantized layout: quant_net. prefix, a wrapper level per leaf, a forward_bp per leaf and the input."""
+    out = {"quant_input.forward_bp": torch.tensor(bp)}
+    leaves = set(PARAMETERLESS_LEAVES)
+    for key, value in sd.items():
+        leaf, entry = key.rsplit(".", 1)
+        leaf_name = leaf.rsplit(".", 1)[-1]
+        out[f"quant_net.{leaf}.{leaf_name}.{entry}"] = value
+        leaves.add(leaf)
+    for leaf in leaves:
+        out[f"quant_net.{leaf}.quant.forward_bp"] = torch.tensor(bp)
+    return out
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def sparse():
+    return sparse_checkpoint()
+
+
+def test_sparse_format_loads_with_ranks_from_the_checkpoint(sparse):
+    assert len(sparse) == 2_626
+    config = get("wave-pyramidnet").config_from_state_dict(sparse)
+    assert (config["depth"], config["alpha"], config["num_classes"]) == (272, 200, 100)
+    assert not config["merged_bn"] and not config["quantized"]
+    assert config["ranks"]["layer2.0.conv2"] == rank("layer2.0.conv2")
+    assert len(config["ranks"]) == 1 + 270 + 1
+    model = wave_pyramidnet.load_wave_pyramidnet(sparse)
+    core = model.layer2[0].conv2.basis.sequential[1]
+    assert core.stride == (2, 2) and core.kernel_size == (3, 3)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32))
+    assert out.shape == (1, 100) and torch.isfinite(out).all()
+
+
+def test_merged_format_computes_the_same_function_with_63256_fewer_parameters(sparse):
+    merged = merge_batch_norms(sparse)
+    assert len(merged) == 2_626 - 5 * (1 + 270) + (1 + 270)
+    plain = wave_pyramidnet.load_wave_pyramidnet(sparse)
+    folded = wave_pyramidnet.load_wave_pyramidnet(merged)
+    assert n_params(folded) - n_params(plain) == -63_256  # -(16 + 6 x 10,540), B.3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), plain(x), rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_formats_have_the_spec_key_counts_and_quantize_activations(sparse):
+    first = quantize_keys(sparse)
+    second = quantize_keys(merge_batch_norms(sparse))
+    assert len(first) == 3_989 and len(second) == 2_634  # B.3: submission 1; submissions 2 and 3
+    assert "quant_net.conv1.basis.sequential.0.conv.conv.weight" in first
+    assert "quant_net.layer2.0.bn1.bn1.weight" in first and "quant_net.conv1.basis.sequential.2.2.bias" in second
+    for state, merged in ((first, False), (second, True)):
+        config = wave_pyramidnet.config_from_state_dict(state)
+        assert config["quantized"] and config["merged_bn"] == merged
+        model = wave_pyramidnet.load_wave_pyramidnet(state)
+        assert len(model.state_dict()) == len(state)
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 32, 32))
+        assert out.shape == (1, 100)
+        grid = out * 2**6  # the fc's last quantizer: 12-bit fixed point with binary point 6
+        torch.testing.assert_close(grid, grid.round())
+        assert grid.abs().max() <= 2**11
+
+
+def test_bad_wave_checkpoints_list_the_problems(sparse):
+    broken = dict(sparse)
+    del broken["layer1.3.bn2.running_var"]
+    broken["layer1.4.conv2.basis.sequential.2.conv.weight"] = torch.zeros(5, 5, 1, 1)
+    broken["stray"] = torch.zeros(1)
+    with pytest.raises(MicronetError) as err:
+        wave_pyramidnet.load_wave_pyramidnet(broken)
+    message = str(err.value)
+    assert "missing layer1.3.bn2.running_var [25]" in message
+    assert "layer1.4.conv2.basis.sequential.2.conv.weight has shape [5, 5, 1, 1]" in message
+    assert "unexpected key stray" in message
+    with pytest.raises(MicronetError, match="not a Wave Computing"):
+        wave_pyramidnet.load_wave_pyramidnet({"conv1.weight": torch.zeros(16, 3, 3, 3)})
