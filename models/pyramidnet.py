@@ -39,7 +39,7 @@ def stage_widths(depth: int = 272, alpha: float = 200) -> list[list[int]]:
         planes = []
         for _ in range(blocks):
             width += step
-            planes.append(int(round(width)))
+            planes.append(round(width))
         stages.append(planes)
     return stages
 

@@ -42,7 +42,7 @@ def test_pyramidnet_forward_applies_shakedrop_expectation():
         out = block(x)
         block.shake_drop.p_drop = 1.0  # residual branch off: only the pooled, zero-padded shortcut is left
         shortcut = block(x)
-    assert out.shape == shortcut.shape == (1, 4 * block.conv3.out_channels // 4, 4, 4)
+    assert out.shape == shortcut.shape == (1, block.conv3.out_channels, 4, 4)
     pooled = torch.nn.functional.avg_pool2d(x, 2)
     torch.testing.assert_close(shortcut[:, : x.shape[1]], pooled)
     assert torch.count_nonzero(shortcut[:, x.shape[1]:]) == 0
