@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-from micronet_score.errors import MicronetError, RuleError  # noqa: E402
-from micronet_score.ruleset import RuleSet, load_rules  # noqa: E402
+from micronet_score.errors import MicronetError, RuleError
+from micronet_score.ruleset import RuleSet, load_rules
 
-__all__ = ["MicronetError", "RuleError", "RuleSet", "load_rules", "__version__"]
+__all__ = ["MicronetError", "RuleError", "RuleSet", "__version__", "load_rules"]

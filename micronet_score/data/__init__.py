@@ -1,0 +1,1 @@
+"""Readers of the challenge data sets (from paths the user gives; nothing is downloaded)."""

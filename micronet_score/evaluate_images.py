@@ -1,0 +1,89 @@
+"""Top-1 accuracy of an image classifier on a test set, judged by the rule set's threshold.
+
+The rules compare the number of correct top-1 predictions with a hard threshold (CIFAR-100: at least 8,000 of
+10,000; ImageNet: at least 37,500 of 50,000), with no rounding; the comparison itself comes from the rule set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.text import Text
+from torch import nn
+
+from micronet_score.data.images import ImageSet
+from micronet_score.ruleset import RuleSet, load_rules
+
+
+class ImagesPerSecond(ProgressColumn):
+    """The evaluation speed in images per second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} images/s" if speed else "- images/s", style="progress.data.speed")
+
+
+@dataclass(frozen=True)
+class Top1Result:
+    """Correct top-1 predictions out of the images seen, and whether that meets the track's threshold."""
+
+    correct: int
+    total: int
+    track: str
+    threshold: float
+    qualifies: bool
+    complete: bool
+    """Whether every image of the official test set was evaluated (``total`` equals the track's test size)."""
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+
+def count_top1(
+    model: nn.Module, images: ImageSet, batch_size: int = 100, progress: bool = False, device: str = "cpu"
+) -> int:
+    """Number of images whose highest-scoring class is their label; the model is run in evaluation mode."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar, torch.no_grad():
+            task = bar.add_task(f"evaluating {images.name}", total=len(images))
+            for batch, labels in images.batches(batch_size):
+                logits = model(batch.to(device))
+                correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
+                bar.advance(task, len(labels))
+    finally:
+        model.train(was_training)
+    return correct
+
+
+def evaluate_top1(
+    model: nn.Module,
+    images: ImageSet,
+    track: str,
+    rules: str | RuleSet = "micronet-2019",
+    batch_size: int = 100,
+    progress: bool = False,
+    device: str = "cpu",
+) -> Top1Result:
+    """Top-1 correct count on ``images``, judged by ``track`` of the rule set (e.g. 'cifar100', 'imagenet')."""
+    rule_set = load_rules(rules)
+    rule = rule_set.track(track)
+    correct = count_top1(model, images, batch_size, progress, device)
+    total = len(images)
+    value = correct if rule.metric == "top1_correct" else (correct / total if total else float("nan"))
+    return Top1Result(
+        correct=correct,
+        total=total,
+        track=rule_set.track_name(track),
+        threshold=rule.threshold,
+        qualifies=rule.qualifies(value),
+        complete=rule.test_size is None or total == rule.test_size,
+    )
