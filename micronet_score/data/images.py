@@ -20,7 +20,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 class _ArrayUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays and builtins; refuses every other global (no code runs from the file)."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),
@@ -68,7 +68,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),  # how Python 3 pickles bytes at protocols 0-2
-    }
+    })
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
