@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from micronet_score.models.registry import get
+
 from micronet_score.ruleset import load_rules
 
 
