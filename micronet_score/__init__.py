@@ -9,5 +9,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from micronet_score.errors import MicronetError, RuleError  # noqa: E402
 from micronet_score.ruleset import RuleSet, load_rules  # noqa: E402
+from micronet_score.report import Report  # noqa: E402
+from micronet_score.counting import Counter, count  # noqa: E402
 
-__all__ = ["MicronetError", "RuleError", "RuleSet", "load_rules", "__version__"]
+__all__ = ["Counter", "MicronetError", "Report", "RuleError", "RuleSet", "count", "load_rules", "__version__"]
