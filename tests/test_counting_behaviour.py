@@ -245,3 +245,16 @@ def test_functional_ops_are_attributed_to_the_running_module():
     r = ms.count(model, torch.randn(3, 5), samples=1)
     assert r.layer("1").mults == 15 + 3 * 3 * 5  # relu 1 mult x 15, then dot products of 5 for 3 x 3 outputs
     assert [row.name for row in r.layers] == ["1"]
+
+
+def test_counter_sees_weights_pruned_between_measurements():
+    model = mlp()
+    counter = ms.Counter(model)
+    with counter.measure(samples=1):
+        model(X)
+    assert counter.report().family("dot_product").mults == WEIGHTS
+    zero_90(model)  # in place, as a pruning step of a training loop would
+    counter.reset()
+    with counter.measure(samples=1):
+        model(X)
+    assert counter.report().family("dot_product").mults == pytest.approx(0.1 * WEIGHTS)

@@ -50,7 +50,18 @@ class Counter:
             if isinstance(getattr(m, "output_bits", None), int) and not isinstance(m.output_bits, bool)
         }
         self._check_names()
+        self._table: WeightTable | None = None
         self.reset()
+
+    def _weights(self) -> WeightTable:
+        """The weight table, rebuilt when the model's tensors changed, else refreshed where values changed."""
+        keys = [id(t) for t in self.model.parameters()] + [id(t) for t in self.model.buffers()]
+        if self._table is None or keys != self._table_keys:
+            self._table = WeightTable.of(self.model, self.policy)
+            self._table_keys = keys
+        else:
+            self._table.refresh(self.model)
+        return self._table
 
     def _check_names(self) -> None:
         known = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
@@ -73,7 +84,7 @@ class Counter:
     def measure(self, samples: float | None = None, sample_dim: int = 0) -> Iterator[Counter]:
         """Count every forward of the model run inside; ``samples`` = samples/tokens they cover (inferred from
         dim ``sample_dim`` of the model's first input when not given)."""
-        table = WeightTable.of(self.model, self.policy)
+        table = self._weights()
         mode = CountingMode(self.prices, self.policy, table, self._names, self._output_bits)
         pre = register_module_forward_pre_hook(lambda module, args: mode.enter(module, args))
         post = register_module_forward_hook(lambda module, args, output: mode.leave(module, args, output))
@@ -104,7 +115,7 @@ class Counter:
         """Storage of the model as it is now; operations averaged over all samples/tokens measured."""
         if self.samples <= 0:
             raise MicronetError("nothing measured yet: run the model inside counter.measure(samples=N)")
-        table = WeightTable.of(self.model, self.policy)
+        table = self._weights()
         for key in self._read:
             if key in table.by_key:
                 table.by_key[key].read = True

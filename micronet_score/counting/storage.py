@@ -35,6 +35,7 @@ class TensorInfo:
     known: bool = True
     read: bool = False
     density: float = 1.0
+    version: int = -1
 
 
 @dataclass(slots=True)
@@ -115,13 +116,15 @@ class WeightTable:
         self.meta = False
         for key, info in self.by_key.items():
             tensor = tensors.get(key)
-            if tensor is None:
+            info.read = False
+            if tensor is None or tensor._version == info.version:
+                self.meta |= not info.known
                 continue
+            info.version = tensor._version
             nonzeros, known = count_nonzero(tensor)
             info.nonzeros, info.known = nonzeros, known
             info.density = nonzeros / info.numel if info.numel else 1.0
             self.meta |= not known
-            info.read = False
         for pruned in self.pruned.values():
             orig, mask = tensors.get(pruned.orig_key), tensors.get(pruned.mask_key)
             if orig is None or mask is None:
