@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from micronet_score.models.registry import ModelSpec, register
+from torch import nn
 
 
 class LSTMBaseline(nn.Module):
@@ -31,15 +30,18 @@ class LSTMBaseline(nn.Module):
 
 
 def build(config: Mapping[str, Any]) -> LSTMBaseline:
-    return LSTMBaseline(int(config.get("vocabulary", 267_735)), int(config.get("embedding", 512)),
-                        int(config.get("hidden", 2048)))
+    return LSTMBaseline(
+        int(config.get("vocabulary", 267_735)), int(config.get("embedding", 512)), int(config.get("hidden", 2048))
+    )
 
 
-register(ModelSpec(
-    name="lstm-baseline",
-    title="WikiText-103 LSTM baseline (2048 units, tied 512 embedding)",
-    track="wikitext103",
-    build=build,
-    default_config={"vocabulary": 267_735, "embedding": 512, "hidden": 2048},
-    example_inputs=lambda model: (torch.zeros(1, 1, dtype=torch.long),),
-))
+register(
+    ModelSpec(
+        name="lstm-baseline",
+        title="WikiText-103 LSTM baseline (2048 units, tied 512 embedding)",
+        track="wikitext103",
+        build=build,
+        default_config={"vocabulary": 267_735, "embedding": 512, "hidden": 2048},
+        example_inputs=lambda model: (torch.zeros(1, 1, dtype=torch.long),),
+    )
+)

@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
-
 from micronet_score.models.registry import ModelSpec, register
+from torch import nn
 
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
@@ -25,8 +24,10 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
-                               nn.BatchNorm2d(cout)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     if relu:
         layers.append(nn.ReLU6())
     return nn.Sequential(*layers)
@@ -69,12 +70,14 @@ def build(config: Mapping[str, Any]) -> MobileNetV2:
     return MobileNetV2(float(config.get("width", 1.4)), int(config.get("num_classes", 1000)))
 
 
-register(ModelSpec(
-    name="mobilenet-v2",
-    title="MobileNetV2 (width 1.4), ImageNet baseline",
-    track="imagenet",
-    build=build,
-    default_config={"width": 1.4, "num_classes": 1000},
-    example_inputs=lambda model: (torch.randn(1, 3, 224, 224),),
-    aliases=("mobilenetv2",),
-))
+register(
+    ModelSpec(
+        name="mobilenet-v2",
+        title="MobileNetV2 (width 1.4), ImageNet baseline",
+        track="imagenet",
+        build=build,
+        default_config={"width": 1.4, "num_classes": 1000},
+        example_inputs=lambda model: (torch.randn(1, 3, 224, 224),),
+        aliases=("mobilenetv2",),
+    )
+)

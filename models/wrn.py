@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
-
 from micronet_score.models.registry import ModelSpec, register
+from torch import nn
 
 
 class Block(nn.Module):
@@ -44,8 +43,9 @@ class WideResNet(nn.Module):
         blocks = []
         for group, stride in enumerate((1, 2, 2)):
             for i in range(n):
-                blocks.append(Block(widths[group] if i == 0 else widths[group + 1], widths[group + 1],
-                                    stride if i == 0 else 1))
+                blocks.append(
+                    Block(widths[group] if i == 0 else widths[group + 1], widths[group + 1], stride if i == 0 else 1)
+                )
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(widths[3])
         self.relu = nn.ReLU()
@@ -62,12 +62,14 @@ def build(config: Mapping[str, Any]) -> WideResNet:
     return WideResNet(int(config.get("depth", 28)), int(config.get("widen", 10)), int(config.get("num_classes", 100)))
 
 
-register(ModelSpec(
-    name="wrn-28-10",
-    title="WideResNet-28-10 (pre-activation), CIFAR-100 baseline",
-    track="cifar100",
-    build=build,
-    default_config={"depth": 28, "widen": 10, "num_classes": 100},
-    example_inputs=lambda model: (torch.randn(1, 3, 32, 32),),
-    aliases=("wrn",),
-))
+register(
+    ModelSpec(
+        name="wrn-28-10",
+        title="WideResNet-28-10 (pre-activation), CIFAR-100 baseline",
+        track="cifar100",
+        build=build,
+        default_config={"depth": 28, "widen": 10, "num_classes": 100},
+        example_inputs=lambda model: (torch.randn(1, 3, 32, 32),),
+        aliases=("wrn",),
+    )
+)

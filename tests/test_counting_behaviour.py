@@ -119,9 +119,11 @@ def test_output_bits_module_marks_outputs_and_its_ops_are_conversions():
 
 
 def snapshot(model: nn.Module):
-    return ({k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
-            [m.training for m in model.modules()],
-            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()])
+    return (
+        {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
+        [m.training for m in model.modules()],
+        [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+    )
 
 
 def assert_untouched(model: nn.Module, before) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from micronet_score.models import registry
 
 import micronet_score as ms
-from micronet_score.models import registry
 
 
 def build_meta(name: str, **config):

@@ -94,7 +94,8 @@ def test_sdpa():
 
 def test_sdpa_meta_matches_cpu_dot_products():
     r = ms.count(Fn(lambda mods, q: F.scaled_dot_product_attention(q, q, q)), Q.to("meta"), samples=1)
-    m, a, _ = attention_counts(8, 97, 97, 32, 32)
+    # on meta torch picks the math kernel, which decomposes into priced ops (bmm, mul, softmax): it scales q and
+    # k by sqrt(scale) each instead of q once, so only the dot products and the softmax are compared here
     assert r.family("dot_product").mults == 2 * 8 * 97 * 97 * 32
     assert r.family("softmax").mults == 8 * 97 * 97
 
@@ -207,7 +208,10 @@ def test_rnn():
     m2, a2 = dot(h, steps * h)
     u = steps * h
     assert counts(Fn(lambda mods, x: mods[0](x)[0], nn.RNN(i, h)), torch.randn(steps, 1, i)) == (
-        m1 + m2, a1 + a2 + 3 * u, u)
+        m1 + m2,
+        a1 + a2 + 3 * u,
+        u,
+    )
 
 
 E = 24_832  # 97 x 256

@@ -102,8 +102,9 @@ class Counter:
                 raise MicronetError("cannot infer the number of samples: pass samples=N to measure()")
             samples = first_input.shape[sample_dim]
         if self.strict and mode.tally.uncounted:
-            raise MicronetError("strict mode: ops without a price in rule set "
-                                f"{self.rules.name}: {_describe(mode.tally.uncounted)}")
+            raise MicronetError(
+                f"strict mode: ops without a price in rule set {self.rules.name}: {_describe(mode.tally.uncounted)}"
+            )
         self.samples += float(samples)
         self._tally.merge(mode.tally)
         self._norms.update(mode.norms)
@@ -129,29 +130,37 @@ class Counter:
             s = stored.get(path)
             m, a, o, f = (v / n for v in tally.rows.get(path, [0.0] * 4))
             module = self._modules.get(path)
-            layers.append(LayerRow(
-                name=path,
-                type=type(module).__name__ if module is not None else "",
-                params=s.params if s else 0,
-                nonzeros=s.nonzeros if s else 0,
-                density=(s.nonzeros / s.params) if s and s.params else None,
-                bits=s.bits if s else None,
-                storage=s.storage if s else 0.0,
-                mults=m, adds=a, others=o, flops=f,
-                share=f / total_flops if total_flops else 0.0,
-            ))
+            layers.append(
+                LayerRow(
+                    name=path,
+                    type=type(module).__name__ if module is not None else "",
+                    params=s.params if s else 0,
+                    nonzeros=s.nonzeros if s else 0,
+                    density=(s.nonzeros / s.params) if s and s.params else None,
+                    bits=s.bits if s else None,
+                    storage=s.storage if s else 0.0,
+                    mults=m,
+                    adds=a,
+                    others=o,
+                    flops=f,
+                    share=f / total_flops if total_flops else 0.0,
+                )
+            )
         ops = [
             OpTotal(family=fam, calls=int(v[0]), mults=v[1] / n, adds=v[2] / n, others=v[3] / n, flops=v[4] / n)
             for fam, v in sorted(tally.families.items(), key=lambda kv: -kv[1][4])
         ]
-        uncounted = [UncountedOp(op=op, module=mod, calls=c, elements=e)
-                     for (op, mod), (c, e) in tally.uncounted.items()]
+        uncounted = [
+            UncountedOp(op=op, module=mod, calls=c, elements=e) for (op, mod), (c, e) in tally.uncounted.items()
+        ]
         warnings = []
         if self._meta or table.meta:
             warnings.append("meta tensors have no values: their density is unknown, so weights are counted dense")
         if uncounted:
-            warnings.append(f"{len(uncounted)} op(s) have no price in rule set {self.rules.name} and are not counted: "
-                            f"{_describe(tally.uncounted)}")
+            warnings.append(
+                f"{len(uncounted)} op(s) have no price in rule set {self.rules.name} and are not counted: "
+                f"{_describe(tally.uncounted)}"
+            )
         params = sum(row.storage for row in layers)
         flops = sum(row.flops for row in layers)
         return Report(
@@ -196,13 +205,32 @@ def count(
     if backend == "fvcore":
         from micronet_score.counting.fvcore_backend import count_fvcore
 
-        return count_fvcore(model, example_inputs, rules=rules, track=track, bits=bits, act_bits=act_bits,
-                            weight_bits=weight_bits, freebie=freebie, strict=strict, samples=samples,
-                            sample_dim=sample_dim, forward_kwargs=forward_kwargs)
+        return count_fvcore(
+            model,
+            example_inputs,
+            rules=rules,
+            track=track,
+            bits=bits,
+            act_bits=act_bits,
+            weight_bits=weight_bits,
+            freebie=freebie,
+            strict=strict,
+            samples=samples,
+            sample_dim=sample_dim,
+            forward_kwargs=forward_kwargs,
+        )
     if backend != "dispatch":
         raise MicronetError(f"unknown backend {backend!r} (known: dispatch, fvcore)")
-    counter = Counter(model, rules=rules, track=track, bits=bits, act_bits=act_bits, weight_bits=weight_bits,
-                      freebie=freebie, strict=strict)
+    counter = Counter(
+        model,
+        rules=rules,
+        track=track,
+        bits=bits,
+        act_bits=act_bits,
+        weight_bits=weight_bits,
+        freebie=freebie,
+        strict=strict,
+    )
     if samples is None and example_inputs and isinstance(example_inputs[0], torch.Tensor):
         samples = example_inputs[0].shape[sample_dim] if example_inputs[0].dim() > sample_dim else 1
     with counter.measure(samples=samples, sample_dim=sample_dim):

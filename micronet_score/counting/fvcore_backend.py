@@ -108,11 +108,21 @@ def _handles(prices: costs.Prices, fold_bn: bool) -> dict[str, Callable]:
     return handles
 
 
-def count_fvcore(model: nn.Module, example_inputs: tuple, *, rules: str | RuleSet = "micronet-2019",
-                 track: str | None = None, bits: int | None = None, act_bits: int | None = None,
-                 weight_bits: Mapping[str, int] | None = None, freebie: bool = False, strict: bool = False,
-                 samples: float | None = None, sample_dim: int = 0,
-                 forward_kwargs: Mapping[str, Any] | None = None) -> Report:
+def count_fvcore(
+    model: nn.Module,
+    example_inputs: tuple,
+    *,
+    rules: str | RuleSet = "micronet-2019",
+    track: str | None = None,
+    bits: int | None = None,
+    act_bits: int | None = None,
+    weight_bits: Mapping[str, int] | None = None,
+    freebie: bool = False,
+    strict: bool = False,
+    samples: float | None = None,
+    sample_dim: int = 0,
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> Report:
     """Count a traceable model with fvcore; ops at the declared global widths, weights dense."""
     if forward_kwargs:
         raise MicronetError("the fvcore backend cannot pass keyword arguments to forward (trace limitation)")
@@ -161,10 +171,20 @@ def count_fvcore(model: nn.Module, example_inputs: tuple, *, rules: str | RuleSe
             fam[("mults", "adds", "others").index(kind)] += value / n
             fam[3] += value * width[kind] / unit / n
         s = stored.get(path)
-        layers.append(LayerRow(name=path, type=type(modules[path]).__name__, params=s.params if s else 0,
-                               nonzeros=s.nonzeros if s else 0, density=1.0 if s else None,
-                               bits=s.bits if s else None, storage=s.storage if s else 0.0, flops=flops, share=0.0,
-                               **counts))
+        layers.append(
+            LayerRow(
+                name=path,
+                type=type(modules[path]).__name__,
+                params=s.params if s else 0,
+                nonzeros=s.nonzeros if s else 0,
+                density=1.0 if s else None,
+                bits=s.bits if s else None,
+                storage=s.storage if s else 0.0,
+                flops=flops,
+                share=0.0,
+                **counts,
+            )
+        )
     total = sum(row.flops for row in layers) or 1.0
     for row in layers:
         row.share = row.flops / total
@@ -174,11 +194,17 @@ def count_fvcore(model: nn.Module, example_inputs: tuple, *, rules: str | RuleSe
         raise MicronetError("strict mode: ops without a price: " + ", ".join(u.op for u in unpriced))
     params, flops = sum(r.storage for r in layers), sum(r.flops for r in layers)
     return Report(
-        rules=ruleset.name, track=ruleset.track_name(track) if track else None, samples=n,
+        rules=ruleset.name,
+        track=ruleset.track_name(track) if track else None,
+        samples=n,
         per=ruleset.tracks[ruleset.track_name(track)].per if track else "sample",
-        params=params, flops=flops, mults=sum(r.mults for r in layers), adds=sum(r.adds for r in layers),
+        params=params,
+        flops=flops,
+        mults=sum(r.mults for r in layers),
+        adds=sum(r.adds for r in layers),
         others=sum(r.others for r in layers),
-        score=ruleset.score(params, flops, track) if track else None, layers=layers,
+        score=ruleset.score(params, flops, track) if track else None,
+        layers=layers,
         ops=[OpTotal(family=f, calls=0, mults=v[0], adds=v[1], others=v[2], flops=v[3]) for f, v in families.items()],
         uncounted=unpriced,
         warnings=["fvcore backend: weights counted dense, widths global only, batch norm storage not folded"],

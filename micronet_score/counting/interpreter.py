@@ -71,8 +71,9 @@ class Tally:
 class CountingMode(TorchDispatchMode):
     """Prices each aten op by the rule set and charges it to the running module."""
 
-    def __init__(self, prices: Prices, policy: BitPolicy, table: WeightTable, names: dict[int, str],
-                 output_bits: dict[int, int]):
+    def __init__(
+        self, prices: Prices, policy: BitPolicy, table: WeightTable, names: dict[int, str], output_bits: dict[int, int]
+    ):
         super().__init__()
         self.prices = prices
         self.policy = policy
@@ -177,8 +178,9 @@ class CountingMode(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self.width(t)
         else:
-            mult_bits = max((self.width(t) for t in operands if isinstance(t, torch.Tensor)),
-                            default=self.policy.activation)
+            mult_bits = max(
+                (self.width(t) for t in operands if isinstance(t, torch.Tensor)), default=self.policy.activation
+            )
             other_bits = mult_bits
         path = self.stack[-1] if self.stack else ""
         tally = self.tally

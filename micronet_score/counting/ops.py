@@ -111,8 +111,18 @@ def _projection(ctx: CountingMode, x: torch.Tensor, weight: torch.Tensor, rows: 
     return costs.dot_product(ctx.prices, x.shape[-1], outputs, ctx.density(weight)) + costs.bias(ctx.prices, outputs)
 
 
-def _mha_bill(ctx: CountingMode, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, embed: int, heads: int,
-              qkv_weight: torch.Tensor, proj_weight: torch.Tensor, mask: Any, weights: bool) -> costs.Bill:
+def _mha_bill(
+    ctx: CountingMode,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    embed: int,
+    heads: int,
+    qkv_weight: torch.Tensor,
+    proj_weight: torch.Tensor,
+    mask: Any,
+    weights: bool,
+) -> costs.Bill:
     """Multi-head attention: q/k/v projections, attention per head, output projection; averaged weights if asked."""
     bill: costs.Bill = []
     if q is k and k is v:
@@ -154,7 +164,7 @@ def _encoder_layer(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> No
 
 
 def _mkldnn_rnn_layer(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
-    x, w_ih, w_hh, b_ih, b_hh = args[:5]
+    x, w_ih, w_hh = args[:3]
     mode, hidden, has_biases = args[9], args[10], args[12]
     steps = out[0].numel() // hidden  # time steps x batch
     gates = w_ih.shape[0]
@@ -268,8 +278,9 @@ def _group_norm(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
     ctx.record(costs.normalization(ctx.prices, x.numel(), n * groups, weight is not None), (x,))
 
 
-def _batch_norm(ctx: CountingMode, x: torch.Tensor, weight: Any, bias: Any, mean: Any, var: Any, training: bool,
-                out: Any) -> None:
+def _batch_norm(
+    ctx: CountingMode, x: torch.Tensor, weight: Any, bias: Any, mean: Any, var: Any, training: bool, out: Any
+) -> None:
     channels = x.shape[1] if x.dim() > 1 else x.shape[0]
     if training or mean is None:
         bill = costs.normalization(ctx.prices, x.numel(), channels, weight is not None)
@@ -342,8 +353,12 @@ _put(_addmm, "addmm", "baddbmm")
 _put(_convolution, "convolution", "_convolution")
 _put(_sdpa_cpu_flash, "_scaled_dot_product_flash_attention_for_cpu")
 _put(_sdpa_flash, "_scaled_dot_product_flash_attention")
-_put(_sdpa_with_bias, "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-     "_scaled_dot_product_fused_attention_overrideable")
+_put(
+    _sdpa_with_bias,
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+)
 _put(_flash_forward, "_flash_attention_forward")
 _put(_efficient_forward, "_efficient_attention_forward")
 _put(_native_mha, "_native_multi_head_attention")
@@ -372,11 +387,49 @@ _put(elementwise("tanh"), "tanh", "tanh_")
 _put(elementwise("softplus"), "softplus")
 _put(_elu, "elu", "elu_")
 _put(elementwise("celu"), "celu", "celu_")
-_put(elementwise("transcendental"), "exp", "exp_", "exp2", "expm1", "log", "log_", "log2", "log10", "log1p",
-     "sqrt", "sqrt_", "rsqrt", "rsqrt_", "erf", "erf_", "erfinv", "sin", "cos", "pow", "pow_", "reciprocal",
-     "reciprocal_")
-_put(elementwise("comparison"), "eq", "ne", "lt", "le", "gt", "ge", "maximum", "minimum", "where", "sign",
-     "masked_fill", "masked_fill_", "logical_not", "logical_and", "logical_or")
+_put(
+    elementwise("transcendental"),
+    "exp",
+    "exp_",
+    "exp2",
+    "expm1",
+    "log",
+    "log_",
+    "log2",
+    "log10",
+    "log1p",
+    "sqrt",
+    "sqrt_",
+    "rsqrt",
+    "rsqrt_",
+    "erf",
+    "erf_",
+    "erfinv",
+    "sin",
+    "cos",
+    "pow",
+    "pow_",
+    "reciprocal",
+    "reciprocal_",
+)
+_put(
+    elementwise("comparison"),
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "maximum",
+    "minimum",
+    "where",
+    "sign",
+    "masked_fill",
+    "masked_fill_",
+    "logical_not",
+    "logical_and",
+    "logical_or",
+)
 _put(elementwise("clamp"), "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_")
 _put(elementwise("round"), "round", "floor", "ceil", "trunc")
 
@@ -401,28 +454,131 @@ _put(interpolate("upsample_linear"), "upsample_linear1d")
 _put(interpolate("upsample_bilinear"), "upsample_bilinear2d")
 _put(interpolate("upsample_trilinear"), "upsample_trilinear3d")
 
-_put(_fake_quant(3), "fake_quantize_per_tensor_affine_cachemask", "fake_quantize_per_tensor_affine",
-     "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams")
+_put(
+    _fake_quant(3),
+    "fake_quantize_per_tensor_affine_cachemask",
+    "fake_quantize_per_tensor_affine",
+    "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+)
 _put(_fake_quant(4), "fake_quantize_per_channel_affine_cachemask", "fake_quantize_per_channel_affine")
 
-_put(_move, "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand",
-     "squeeze", "unsqueeze", "select", "slice", "alias", "as_strided", "unflatten", "flatten", "detach",
-     "unbind", "split", "split_with_sizes", "unsafe_split", "chunk", "narrow", "lift_fresh", "view_as", "expand_as")
+_put(
+    _move,
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "_reshape_alias",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "squeeze",
+    "unsqueeze",
+    "select",
+    "slice",
+    "alias",
+    "as_strided",
+    "unflatten",
+    "flatten",
+    "detach",
+    "unbind",
+    "split",
+    "split_with_sizes",
+    "unsafe_split",
+    "chunk",
+    "narrow",
+    "lift_fresh",
+    "view_as",
+    "expand_as",
+)
 _put(_copy, "clone", "_to_copy", "lift_fresh_copy", "_reshape_copy")
 
 FREE = frozenset(
     _packets(
-        "embedding", "cat", "stack", "copy_", "zeros", "zeros_like", "ones", "ones_like", "empty", "empty_like",
-        "empty_strided", "full", "full_like", "new_empty", "new_empty_strided", "new_zeros", "new_ones",
-        "new_full", "arange", "fill_", "zero_", "uniform_", "normal_", "constant_pad_nd", "index", "index_select",
-        "gather", "scatter", "index_put", "index_put_", "repeat", "roll", "flip", "upsample_nearest1d",
-        "upsample_nearest2d", "upsample_nearest3d", "_unsafe_index", "dropout", "native_dropout", "scalar_tensor",
-        "_local_scalar_dense", "item", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "im2col", "col2im",
-        "resize_", "set_", "detach_", "masked_select", "tril", "triu", "bernoulli_", "bernoulli", "rand",
-        "randn", "randint", "_assert_async", "sym_size", "sym_stride", "sym_numel", "is_nonzero", "equal",
-        "clone_", "as_strided_", "t_", "transpose_", "squeeze_", "unsqueeze_", "_pin_memory", "_copy_from",
-        "_copy_from_and_resize", "diagonal", "movedim", "unfold", "reflection_pad2d", "replication_pad2d",
-        "_to_dense", "record_stream", "_conj", "_neg_view", "resolve_conj", "resolve_neg",
+        "embedding",
+        "cat",
+        "stack",
+        "copy_",
+        "zeros",
+        "zeros_like",
+        "ones",
+        "ones_like",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "full",
+        "full_like",
+        "new_empty",
+        "new_empty_strided",
+        "new_zeros",
+        "new_ones",
+        "new_full",
+        "arange",
+        "fill_",
+        "zero_",
+        "uniform_",
+        "normal_",
+        "constant_pad_nd",
+        "index",
+        "index_select",
+        "gather",
+        "scatter",
+        "index_put",
+        "index_put_",
+        "repeat",
+        "roll",
+        "flip",
+        "upsample_nearest1d",
+        "upsample_nearest2d",
+        "upsample_nearest3d",
+        "_unsafe_index",
+        "dropout",
+        "native_dropout",
+        "scalar_tensor",
+        "_local_scalar_dense",
+        "item",
+        "pixel_shuffle",
+        "pixel_unshuffle",
+        "channel_shuffle",
+        "im2col",
+        "col2im",
+        "resize_",
+        "set_",
+        "detach_",
+        "masked_select",
+        "tril",
+        "triu",
+        "bernoulli_",
+        "bernoulli",
+        "rand",
+        "randn",
+        "randint",
+        "_assert_async",
+        "sym_size",
+        "sym_stride",
+        "sym_numel",
+        "is_nonzero",
+        "equal",
+        "clone_",
+        "as_strided_",
+        "t_",
+        "transpose_",
+        "squeeze_",
+        "unsqueeze_",
+        "_pin_memory",
+        "_copy_from",
+        "_copy_from_and_resize",
+        "diagonal",
+        "movedim",
+        "unfold",
+        "reflection_pad2d",
+        "replication_pad2d",
+        "_to_dense",
+        "record_stream",
+        "_conj",
+        "_neg_view",
+        "resolve_conj",
+        "resolve_neg",
     )
 )
 """Data movement, lookups and tensor creation: free under the rules (no arithmetic)."""

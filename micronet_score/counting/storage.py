@@ -105,7 +105,9 @@ class WeightTable:
                     is_parameter=True,
                     nonzeros=orig.numel(),
                 )
-                table.pruned[(storage_key(orig), storage_key(mask))] = Pruned(info, storage_key(orig), storage_key(mask))
+                table.pruned[(storage_key(orig), storage_key(mask))] = Pruned(
+                    info, storage_key(orig), storage_key(mask)
+                )
         table.refresh(model)
         return table
 
@@ -129,9 +131,13 @@ class WeightTable:
             orig, mask = tensors.get(pruned.orig_key), tensors.get(pruned.mask_key)
             if orig is None or mask is None:
                 continue
-            nonzeros, known = count_nonzero(orig.detach() * mask.detach()) if orig.device.type != "meta" else (
-                orig.numel(),
-                False,
+            nonzeros, known = (
+                count_nonzero(orig.detach() * mask.detach())
+                if orig.device.type != "meta"
+                else (
+                    orig.numel(),
+                    False,
+                )
             )
             pruned.info.nonzeros, pruned.info.known = nonzeros, known
             pruned.info.density = nonzeros / pruned.info.numel if pruned.info.numel else 1.0
@@ -159,9 +165,7 @@ class Stored:
     bits: int | None = None
 
 
-def account(
-    table: WeightTable, norms: list[FoldedNorm], dropped: set[int], policy: BitPolicy
-) -> dict[str, Stored]:
+def account(table: WeightTable, norms: list[FoldedNorm], dropped: set[int], policy: BitPolicy) -> dict[str, Stored]:
     """Storage per module path: nonzeros * bits + mask bits (sparse tensors), divided by the unit width."""
     rules = policy.rules
     unit = float(rules.unit_bits)
