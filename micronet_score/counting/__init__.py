@@ -1,0 +1,5 @@
+"""The counting interpreter and its Python API (see :mod:`micronet_score.counting.api`)."""
+
+from micronet_score.counting.api import Counter, count
+
+__all__ = ["Counter", "count"]

@@ -1,0 +1,88 @@
+"""Bit-widths: what the user declared, the freebie, and widths that flow from fake quantization.
+
+Rules (§1.3, §1.4): a b-bit value or op counts b / unit_bits; a multiply (or other op) runs at the largest
+width of its inputs, an addition at the accumulator width. The freebie lets unquantized entries count
+parameters and multiplies at 16 bits (additions stay 32) and is forbidden once anything is below 16 bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from micronet_score.errors import MicronetError
+from micronet_score.ruleset import RuleSet
+
+
+@dataclass
+class BitPolicy:
+    """The widths in force while counting one model."""
+
+    rules: RuleSet
+    bits: int | None = None
+    act_bits: int | None = None
+    weight_bits: Mapping[str, int] = field(default_factory=dict)
+    freebie: bool = False
+
+    def __post_init__(self) -> None:
+        declared = {"bits": self.bits, "act_bits": self.act_bits}
+        declared.update({f"weight_bits[{name!r}]": b for name, b in self.weight_bits.items()})
+        for what, width in declared.items():
+            if width is not None and (not isinstance(width, int) or width < 1):
+                raise MicronetError(f"{what} must be a positive whole number of bits (got {width!r})")
+        if self.freebie:
+            for what, width in declared.items():
+                self.check_freebie(width, what)
+        self.weight_bits = dict(self.weight_bits)
+        self.activation = self.act_bits or self.rules.default_bits
+        self.unit = float(self.rules.unit_bits)
+        self.add_bits = self.rules.freebie.add_bits if self.freebie else self.rules.accumulator_bits
+
+    def check_freebie(self, width: int | None, what: str) -> None:
+        """The freebie is forbidden when any part of the model is quantized below freebie.max_quantized_bits."""
+        limit = self.rules.freebie.max_quantized_bits
+        if self.freebie and width is not None and width < limit:
+            raise MicronetError(
+                f"the freebie is not allowed: {what} is {width} bits, below {limit} "
+                f"(rule set {self.rules.name}: quantized entries count their real widths)"
+            )
+
+    def stored(self, names: list[str], is_parameter: bool) -> int:
+        """Storage width of a tensor known by these names: freebie, per-tensor, global (parameters), default."""
+        if self.freebie:
+            return self.rules.freebie.param_bits
+        for name in names:
+            if name in self.weight_bits:
+                return self.weight_bits[name]
+        if is_parameter and self.bits is not None:
+            return self.bits
+        return self.rules.default_bits
+
+
+def quantized_bits(quant_min: int, quant_max: int) -> int:
+    """Width implied by a fake quantizer's integer range: ceil(log2(quant_max - quant_min + 1))."""
+    return max(1, math.ceil(math.log2(int(quant_max) - int(quant_min) + 1)))
+
+
+class Marks:
+    """Widths of activations set by fake quantizers and output_bits modules, per tensor (weakly held)."""
+
+    def __init__(self) -> None:
+        self._widths: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.used = False
+        self.lowest: int | None = None
+
+    def set(self, tensor: object, width: int) -> None:
+        self._widths[tensor] = width
+        self.used = True
+        self.lowest = width if self.lowest is None else min(self.lowest, width)
+
+    def get(self, tensor: object) -> int | None:
+        return self._widths.get(tensor)
+
+    def clear(self) -> None:
+        self._widths = WeakTensorKeyDictionary()
+        self.used = False
