@@ -1,0 +1,1 @@
+"""Datasets read from paths the user gives (never downloaded)."""
