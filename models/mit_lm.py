@@ -218,7 +218,7 @@ class DecoderLayer(nn.Module):
             _quantizer(cfg),
             nn.Identity(),
         )
-        self.attention_block = 32
+        self.attention_block = 16
         self.attention_queries = 1024
 
     def empty_memory(self, device: torch.device | str | None = None) -> LayerMemory:
@@ -298,7 +298,7 @@ class AdaptiveSoftmax(nn.Module):
             self.clusters = nn.Linear(cfg.n_embed, len(cfg.cutoffs))
         self.layers = nn.ModuleList(nn.Linear(d, edges[i + 1] - edges[i]) for i, d in enumerate(cfg.n_embeds))
         self.projections = nn.ModuleList(nn.Linear(cfg.n_embed, d, bias=False) for d in cfg.n_embeds[1:])
-        self.block_elements = 1 << 24
+        self.block_elements = 1 << 22  # rows per block of the head: ~16 MB of logits
 
     def theta_lambda(self) -> tuple[float, float]:
         """θ and λ: the configured values, else the trained scalars, else the best configuration's."""
