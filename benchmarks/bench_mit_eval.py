@@ -1,0 +1,71 @@
+"""Speed of the mit-lm evaluation at full size: the best configuration (8.3M parameters, 9-bit quantizers,
+n_cache 3000) with random weights, on a generated stream with the test split's bin mix.
+
+    .venv/bin/python benchmarks/bench_mit_eval.py [--predictions 245568] [--chunk 4032]
+
+Reports tokens/s, the extrapolated time for the 245,568 test predictions and peak RSS, as JSON in
+benchmarks/results/mit_eval.json. Target: the full test split in at most 3 minutes with at most 4 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from micronet_score.evaluate_lm import evaluate_stream
+from micronet_score.models.mit_lm import MitLM, MitLMConfig, example_tokens
+
+TEST_PREDICTIONS = 245_568
+
+
+def build() -> MitLM:
+    torch.manual_seed(0)
+    model = MitLM(MitLMConfig(cache_theta=0.02, cache_lambda=0.15)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+        for name, buf in model.named_buffers():
+            if name.endswith("max_abs"):
+                buf.fill_(4.0)
+            elif name.endswith("inv_scale"):
+                buf.fill_(4.0 / 255)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--predictions", type=int, default=TEST_PREDICTIONS)
+    parser.add_argument("--chunk", type=int, default=4032)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mit_eval.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    model = build()
+    tokens = example_tokens(model.config, args.predictions + 1, seed=0)
+    result = evaluate_stream(model, tokens, chunk=args.chunk, progress=None)
+    rate = result.tokens_per_second
+    out = {
+        "predictions": result.predictions,
+        "chunk": args.chunk,
+        "seconds": round(result.seconds, 2),
+        "tokens_per_second": round(rate, 1),
+        "extrapolated_test_split_seconds": round(TEST_PREDICTIONS / rate, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "nll_random_weights": round(result.nll, 4),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Reading and writing checkpoints, safely (``torch.load(weights_only=True)`` only).
+
+Two kinds of file load:
+
+* micronet-score's own, self-describing checkpoint: ``{"format": "micronet-score", "version": 1, "model": name,
+  "config": {...}, "state_dict": {...}, "meta": {...}}``;
+* foreign files: a raw state dict, or a training checkpoint ``{"net": state_dict, "step": n, ...}``. The bundled
+  architecture is named by the caller (or recognised when exactly one architecture accepts the keys); the
+  hyperparameters that the shapes determine are inferred, the rest come from a config file (YAML/JSON) and overrides.
+
+A state dict that does not fit the model fails with one error listing every missing, unexpected and misshapen key.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from micronet_score.errors import MicronetError
+
+FORMAT = "micronet-score"
+VERSION = 1
+STATE_DICT_KEYS = ("net", "state_dict", "model_state_dict")
+"""Keys under which training checkpoints keep the state dict."""
+
+
+@dataclass
+class Checkpoint:
+    """A micronet-score checkpoint in memory."""
+
+    model: str
+    config: dict[str, Any]
+    state_dict: dict[str, Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A built model with its weights, its configuration and where it came from."""
+
+    name: str
+    model: nn.Module
+    config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def read_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` with ``weights_only=True`` onto the CPU; a clear error for a missing or unsafe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MicronetError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise MicronetError(f"{path}: not loadable safely (weights_only): {first}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise MicronetError(f"{path}: not a PyTorch checkpoint ({exc})") from None
+
+
+def is_micronet_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == FORMAT
+
+
+def split_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(state dict, metadata) of a raw state dict or a ``{"net": ..., "step": ...}`` training checkpoint."""
+    if not isinstance(obj, Mapping):
+        raise MicronetError(f"{source}: expected a state dict or a dict with 'net', got {type(obj).__name__}")
+    for key in STATE_DICT_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            meta = {k: v for k, v in obj.items() if k != key and isinstance(v, (int, float, str, bool))}
+            return _tensors(obj[key], source), meta
+    return _tensors(obj, source), {}
+
+
+def _tensors(sd: Mapping[str, Any], source: str) -> dict[str, Tensor]:
+    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise MicronetError(f"{source}: not a state dict (non-tensor entries: {', '.join(map(str, bad[:5]))})")
+    return dict(sd)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """One error listing every missing, unexpected and misshapen key (a [1] tensor fits a 0-d one)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshapen = []
+    for key, shape in expected.items():
+        if key in state_dict:
+            got = tuple(state_dict[key].shape)
+            if got != shape and not (shape == () and got == (1,)):
+                misshapen.append(f"{key} {list(got)} (expected {list(shape)})")
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+        if keys:
+            problems.append(f"{len(keys)} {label}: {', '.join(keys)}")
+    if problems:
+        raise MicronetError(f"{source} does not fit the model: " + "; ".join(problems))
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Check, then load in the model's key order (so that, of tied keys, the later one wins)."""
+    check_state_dict(model, state_dict, source)
+    own = model.state_dict()
+    ordered = {k: state_dict[k].reshape(own[k].shape).to(own[k].dtype) for k in own}
+    model.load_state_dict(ordered, strict=True)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML (or JSON) mapping, such as the authors' ``config.yaml``."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MicronetError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MicronetError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise MicronetError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return dict(data)
+
+
+def resolve_config(
+    defaults: Mapping[str, Any],
+    inferred: Mapping[str, Any],
+    file_config: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    source: str = "checkpoint",
+) -> dict[str, Any]:
+    """defaults < config file (its known keys; others such as ``lr`` are ignored) < overrides; the values the
+    shapes determine (``inferred``) win over defaults and must agree with what the file or overrides say."""
+    file_config = {k: v for k, v in (file_config or {}).items() if k in defaults}
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise MicronetError(f"unknown settings {unknown} (known: {sorted(defaults)})")
+    stated = {**file_config, **overrides}
+    conflicts = [
+        f"{k} = {stated[k]!r} but the checkpoint's shapes say {v!r}"
+        for k, v in inferred.items()
+        if k in stated and _plain(stated[k]) != _plain(v)
+    ]
+    if conflicts:
+        raise MicronetError(f"{source}: " + "; ".join(conflicts))
+    return {**dict(defaults), **stated, **dict(inferred)}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: str,
+    config: Mapping[str, Any],
+    state_dict: Mapping[str, Tensor],
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a self-describing micronet-score checkpoint atomically (temporary file + rename)."""
+    path = Path(path)
+    obj = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model,
+        "config": dict(config),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+        "meta": dict(meta or {}),
+    }
+    write_atomic(path, lambda f: torch.save(obj, f))
+    return path
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a micronet-score checkpoint (not a foreign file: see :func:`load_model`)."""
+    obj = read_file(path)
+    if not is_micronet_checkpoint(obj):
+        raise MicronetError(f"{path}: not a micronet-score checkpoint (no format: {FORMAT!r})")
+    if obj.get("version") != VERSION:
+        raise MicronetError(f"{path}: micronet-score checkpoint version {obj.get('version')!r} (this reads {VERSION})")
+    missing = [k for k in ("model", "config", "state_dict") if k not in obj]
+    if missing:
+        raise MicronetError(f"{path}: micronet-score checkpoint without {', '.join(missing)}")
+    return Checkpoint(obj["model"], dict(obj["config"]), _tensors(obj["state_dict"], str(path)), dict(obj.get("meta") or {}))
+
+
+def recognise(state_dict: Mapping[str, Tensor]) -> str:
+    """The one bundled architecture whose shape inference accepts this state dict."""
+    from micronet_score.models import registry
+
+    accepted = []
+    for name in registry.names():
+        spec = registry.get(name)
+        if spec.config_from_state_dict is None:
+            continue
+        try:
+            spec.config_from_state_dict(state_dict)
+        except Exception:  # noqa: BLE001 - an architecture that does not recognise the keys
+            continue
+        accepted.append(name)
+    if len(accepted) != 1:
+        found = f"it fits {', '.join(accepted)}" if accepted else "no bundled architecture recognises its keys"
+        raise MicronetError(f"name the architecture of this checkpoint ({found})")
+    return accepted[0]
+
+
+def load_model(
+    path: str | os.PathLike,
+    model: str | None = None,
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Build a bundled architecture and load a checkpoint into it, in eval mode.
+
+    ``config`` is a config file path (the authors' ``config.yaml``) or a mapping; ``overrides`` wins over both the
+    file and the defaults. For a micronet-score checkpoint the stored configuration is used (with ``overrides``).
+    """
+    from micronet_score.models import registry
+
+    source = str(path)
+    obj = read_file(path)
+    file_config = read_config_file(config) if isinstance(config, (str, os.PathLike)) else dict(config or {})
+    if is_micronet_checkpoint(obj):
+        ckpt = load_checkpoint(path)
+        name = model or ckpt.model
+        spec = registry.get(name)
+        inferred = spec.config_from_state_dict(ckpt.state_dict) if spec.config_from_state_dict else {}
+        cfg = resolve_config(spec.default_config, inferred, {**ckpt.config, **file_config}, overrides, source)
+        state_dict, meta = ckpt.state_dict, ckpt.meta
+    else:
+        state_dict, meta = split_state_dict(obj, source)
+        name = model or recognise(state_dict)
+        spec = registry.get(name)
+        inferred = spec.config_from_state_dict(state_dict) if spec.config_from_state_dict else {}
+        cfg = resolve_config(spec.default_config, inferred, file_config, overrides, source)
+    net = spec.build(cfg)
+    load_weights(net, state_dict, source)
+    net.to(device).eval()
+    return LoadedModel(spec.name, net, cfg, {"source": source, **meta})

@@ -1,0 +1,101 @@
+"""Sliding-window contractions with exactly ``W`` terms per query, run as matrix products.
+
+Query ``i`` (of ``L``) contracts with the ``W`` rows ``rows[i : i + W]`` of a ``(..., L + W - 1, d)`` tensor:
+window column ``t`` is row ``i + t``. This is the attention band (``W = n_seq + 1`` keys, memory prepended) and
+the neural cache (``W = n_cache`` past states, the query itself excluded).
+
+A block of ``b`` consecutive queries shares ``W - b + 1`` rows of its windows (one matrix product for the block)
+and needs ``b - 1`` more rows each (a ragged triangle, gathered). So every query does exactly ``W`` dot products,
+with no wasted work for an operation counter to price, and the rows are re-used across the block.
+Inside a block the window columns come in a fixed *arrangement* (ragged part first, then the shared part):
+:meth:`SlidingWindow.offsets` maps it back to the window column ``t``. Softmaxes and sums do not care about the
+order; position terms are gathered into the arrangement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Group:
+    """``n_blocks`` blocks of ``block`` queries each, starting at query ``start``."""
+
+    start: int
+    n_blocks: int
+    block: int
+
+    @property
+    def n_queries(self) -> int:
+        return self.n_blocks * self.block
+
+
+class SlidingWindow:
+    """The blocking plan for ``n_queries`` queries over windows of ``width`` rows."""
+
+    def __init__(self, n_queries: int, width: int, block: int = 32, max_queries: int = 1024):
+        self.n_queries = n_queries
+        self.width = width
+        block = max(1, min(block, width, max(n_queries, 1)))
+        per_group = max(1, max_queries // block)
+        full = n_queries // block
+        groups = [Group(i * block, min(per_group, full - i), block) for i in range(0, full, per_group)]
+        if n_queries - full * block:
+            groups.append(Group(full * block, 1, n_queries - full * block))
+        self.groups = groups
+
+    def queries(self, q: Tensor, g: Group) -> Tensor:
+        """The group's queries ``(..., L, d)`` as ``(..., n_blocks, block, d)``."""
+        return q.narrow(-2, g.start, g.n_queries).unflatten(-2, (g.n_blocks, g.block))
+
+    def _shared(self, rows: Tensor, g: Group) -> Tensor:
+        """Rows shared by each block: ``(..., n_blocks, d, W - b + 1)`` (a view)."""
+        b, size = g.block, self.width - g.block + 1
+        return rows.narrow(-2, g.start + b - 1, (g.n_blocks - 1) * b + size).unfold(-2, size, b)
+
+    def _ragged(self, rows: Tensor, g: Group) -> Tensor:
+        """The ``b - 1`` rows each query needs besides the shared ones: ``(..., n_blocks, b, d, b - 1)``."""
+        b, n = g.block, (g.n_blocks - 1) * g.block + g.block - 1
+        before = rows.narrow(-2, g.start, n).unfold(-2, b - 1, b)
+        after = rows.narrow(-2, g.start + self.width, n).unfold(-2, b - 1, b)
+        return torch.cat([before, after], dim=-1).unfold(-1, b - 1, 1).movedim(-2, -3)
+
+    def scores(self, q: Tensor, rows: Tensor, g: Group) -> Tensor:
+        """Dot products of the group's queries with their windows, arranged: ``(..., n_blocks, block, W)``."""
+        qg = self.queries(q, g)
+        shared = qg @ self._shared(rows, g)
+        if g.block == 1:
+            return shared
+        ragged = (qg.unsqueeze(-2) @ self._ragged(rows, g)).squeeze(-2)
+        return torch.cat([ragged, shared], dim=-1)
+
+    def weighted_sum(self, p: Tensor, rows: Tensor, g: Group) -> Tensor:
+        """Σ_t p[i, t] · rows[i + t] for arranged weights ``p``; returns ``(..., n_blocks * block, d)``."""
+        b = g.block
+        out = p[..., b - 1 :] @ self._shared(rows, g).transpose(-1, -2)
+        if b > 1:
+            ragged = (p[..., : b - 1].unsqueeze(-2) @ self._ragged(rows, g).transpose(-1, -2)).squeeze(-2)
+            out = ragged + out
+        return out.flatten(-3, -2)
+
+    def arrange(self, values: Tensor, g: Group) -> Tensor:
+        """A per-row quantity ``(..., L + W - 1)`` in the window arrangement: ``(..., n_blocks, block, W)``."""
+        rows = values.unsqueeze(-1)
+        shared = self._shared(rows, g).squeeze(-2).unsqueeze(-2)
+        shared = shared.expand(*shared.shape[:-2], g.block, shared.shape[-1])
+        if g.block == 1:
+            return shared
+        ragged = self._ragged(rows, g).squeeze(-2)
+        return torch.cat([ragged, shared], dim=-1)
+
+    def offsets(self, g: Group, device: torch.device | str | None = None) -> Tensor:
+        """The window column ``t`` of each arranged column, for query ``r`` of a block: ``(block, W)``."""
+        b, w = g.block, self.width
+        r = torch.arange(b, device=device).unsqueeze(1)
+        j = torch.arange(b - 1, device=device).unsqueeze(0)
+        ragged = torch.where(j < b - 1 - r, j, j + w - b + 1)
+        shared = b - 1 - r + torch.arange(w - b + 1, device=device).unsqueeze(0)
+        return torch.cat([ragged.expand(b, b - 1), shared], dim=1)

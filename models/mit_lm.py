@@ -1,0 +1,518 @@
+"""The MIT-HAN-Lab MicroNet language model (WikiText-103 track winner, NeurIPS 2019).
+
+A pre-LN Transformer decoder with an adaptive input embedding, a banded attention of C = n_seq + 1 keys with a
+learned relative-position table, an adaptive softmax head tied to the embedding, and a neural cache. The evaluated
+class of the authors is ``quantize.Transformer``: 9-bit weights stored de-quantized and 57 activation quantizers.
+
+Per token, for an input id t and the stream of previous tokens (shapes for the best configuration):
+
+* embedding:   e = 16 · E0[t] (bin 0), 16 · P1·E1[t-3500] (bin 1), 16 · P2·E2[t-25000] (bin 2)
+* each layer:  a = Q(LN1(x)); [q_h|k_h|v_h] = Q(W_qkv·a + b) per head h (interleaved blocks of 2·n_k + n_v);
+               s_ht = (q_h·k_{h,p-96+t} + q_h·r_t) / √n_k over the C = 97 keys t = 0…96 (t = 96 is the token itself,
+               keys older than the stream are zero); α = Q(softmax_t(s)); u = Q(concat_h Σ_t α_ht v_{h,p-96+t});
+               y = x + W_out·u;  x' = y + Q(W3·Q(ReLU(W0·Q(LN2(y)) + b0)) + b3)
+* final:       h = Q(x) (no final LayerNorm)
+* head:        log p(w) from log_softmax([W0·h + b0 ‖ W_cl·h + b_cl]) and, for bin i ≥ 1, the cluster column −i plus
+               log_softmax(E_i·(Π_i·h) + b_i); the cluster rows are in reverse bin order
+* cache:       p_cache(y) = Σ_{j<p, y_j = y} exp(θ h_p·h_j) / Σ_j exp(θ h_p·h_j) over the last n_cache states;
+               p(y) = λ p_cache(y) + (1 − λ) p_model(y)
+
+Q is ``round_half_even(clamp(x, ±max_abs) / inv_scale) · inv_scale`` with the stored buffers. The unquantized class
+(``model.Transformer``, the authors' float checkpoints) has no quantizers and masks the zero memory instead.
+
+Hebbian softmax, used by the authors in training, updates output rows during training only (and, as written, not
+at all); nothing of it runs at evaluation, so nothing of it is here.
+
+Module names and registration order reproduce the authors' state-dict keys, so their files load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from micronet_score.errors import MicronetError
+from micronet_score.models._sliding_window import SlidingWindow
+from micronet_score.models.registry import ModelSpec, register
+
+BEST_CACHE_THETA = 0.02021162425847724
+BEST_CACHE_LAMBDA = 0.15391452339546033
+TEST_BIN_COUNTS = (198232, 35479, 11858)
+"""Tokens of the WikiText-103 test split per bin (seed 001, §3.2): the default input-embedding mix."""
+CACHE_PAD_SCORE = -1e8
+"""Score of an empty cache slot before θ (the authors' fp32 pad value)."""
+
+
+@dataclass(frozen=True)
+class MitLMConfig:
+    """Hyperparameters; defaults are the best configuration (8.3M parameters, 9 bits, cache 3000)."""
+
+    n_layers: int = 8
+    n_embed: int = 256
+    n_embeds: tuple[int, ...] = (256, 64, 4)
+    cutoffs: tuple[int, ...] = (3500, 25000)
+    n_vocab: int = 267735
+    n_head: int = 8
+    n_k: int = 24
+    n_v: int = 24
+    n_inner: int = 768
+    n_seq: int = 96
+    use_cache: bool = True
+    n_cache: int = 3000
+    cache_theta: float | None = None
+    """None: the trained scalar when the checkpoint has one, else the best configuration's θ."""
+    cache_lambda: float | None = None
+    cache_params: bool = False
+    """The state dict carries trained ``loss.cache_*`` scalars."""
+    quantized: bool = True
+    """``quantize.Transformer`` (activation quantizers, unmasked zero memory) or ``model.Transformer``."""
+    bits: int = 9
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> MitLMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise MicronetError(f"mit-lm: unknown configuration keys {unknown} (known: {sorted(known)})")
+        values = dict(config)
+        for key in ("n_embeds", "cutoffs"):
+            if key in values:
+                values[key] = tuple(int(v) for v in values[key])
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["n_embeds"], d["cutoffs"] = list(self.n_embeds), list(self.cutoffs)
+        return d
+
+    @property
+    def bin_edges(self) -> tuple[int, ...]:
+        return (0, *self.cutoffs, self.n_vocab)
+
+    @property
+    def window(self) -> int:
+        """C: keys per query (the token itself and n_seq back)."""
+        return self.n_seq + 1
+
+    def validate(self) -> None:
+        problems = []
+        if len(self.n_embeds) != len(self.cutoffs) + 1:
+            problems.append(f"n_embeds has {len(self.n_embeds)} widths for {len(self.cutoffs) + 1} bins")
+        if list(self.bin_edges) != sorted(set(self.bin_edges)):
+            problems.append(f"cutoffs {list(self.cutoffs)} must increase strictly below n_vocab {self.n_vocab}")
+        if self.n_embeds and self.n_embeds[0] != self.n_embed:
+            problems.append(f"bin 0 width {self.n_embeds[0]} must equal n_embed {self.n_embed}")
+        if self.use_cache and self.n_cache < 1:
+            problems.append("use_cache needs n_cache >= 1")
+        if self.quantized and not 2 <= self.bits <= 32:
+            problems.append(f"bits must be 2..32, got {self.bits}")
+        if problems:
+            raise MicronetError("mit-lm configuration: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------- quantizers
+
+
+class ActivationQuantizer(nn.Module):
+    """Q(x) = round_half_even(clamp(x, −max_abs, max_abs) / inv_scale) · inv_scale, on a symmetric b-bit grid.
+
+    ``max_abs`` and ``inv_scale`` are the authors' stored buffers (``inv_scale`` ≈ max_abs / (2^(b−1) − 1) with a
+    truncated mantissa); the division reproduces their rounding bit for bit. ``output_bits`` tells an operation
+    counter that what runs here is a format conversion producing b-bit values.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.output_bits = int(bits)
+        self.register_buffer("max_abs", torch.tensor(1.0))
+        self.register_buffer("inv_scale", torch.tensor(1.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.round(torch.clamp(x, -self.max_abs, self.max_abs) / self.inv_scale) * self.inv_scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.output_bits}"
+
+
+def _quantizer(cfg: MitLMConfig) -> nn.Module:
+    return ActivationQuantizer(cfg.bits) if cfg.quantized else nn.Identity()
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+
+
+class AdaptiveEmbedding(nn.Module):
+    """e(t) = √n_embed · P_i · E_i[t − cutoff_i] for t in bin i (no projection for bin 0).
+
+    The projection runs only for the tokens of bins ≥ 1, so its cost follows the bin frequencies.
+    """
+
+    def __init__(self, cfg: MitLMConfig):
+        super().__init__()
+        edges = cfg.bin_edges
+        self.edges = edges
+        self.n_embed = cfg.n_embed
+        self.layers = nn.ModuleList(nn.Embedding(edges[i + 1] - edges[i], d) for i, d in enumerate(cfg.n_embeds))
+        self.projections = nn.ModuleList(nn.Linear(d, cfg.n_embed, bias=False) for d in cfg.n_embeds[1:])
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out = tokens.new_zeros((tokens.shape[0], self.n_embed), dtype=self.layers[0].weight.dtype)
+        for i, table in enumerate(self.layers):
+            lo, hi = self.edges[i], self.edges[i + 1]
+            where = ((tokens >= lo) & (tokens < hi)).nonzero().squeeze(1)
+            if where.numel() == 0:
+                continue
+            e = table(tokens[where] - lo)
+            if i > 0:
+                e = self.projections[i - 1](e)
+            out = out.index_copy(0, where, e)
+        return out * math.sqrt(self.n_embed)
+
+
+# ---------------------------------------------------------------------------------------------- decoder layer
+
+
+@dataclass
+class LayerMemory:
+    """The last n_seq (k, v) of a layer, post-quantization: ``(n_seq, n_head, n_k + n_v)``.
+
+    ``filled`` counts the rows that hold real positions (the others are the zero memory of a fresh stream).
+    """
+
+    kv: Tensor
+    filled: int = 0
+
+
+class DecoderLayer(nn.Module):
+    """One pre-LN block: banded multi-head attention over C = n_seq + 1 keys, then the FFN."""
+
+    def __init__(self, cfg: MitLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.n_k, cfg.window))
+        self.ln1 = nn.LayerNorm(cfg.n_embed)
+        self.quant_ln1 = _quantizer(cfg)
+        self.qkv = nn.Linear(cfg.n_embed, cfg.n_head * (2 * cfg.n_k + cfg.n_v))
+        self.quant_qkv = _quantizer(cfg)
+        self.quant_attn = _quantizer(cfg)
+        self.quant_attnv = _quantizer(cfg)
+        self.out = nn.Linear(cfg.n_head * cfg.n_v, cfg.n_embed, bias=False)
+        self.ln2 = nn.LayerNorm(cfg.n_embed)
+        self.quant_ln2 = _quantizer(cfg)
+        # Names as in the authors' nn.Sequential: fc.1 quantizes the ReLU output, fc.2/fc.5 were dropouts (p=0).
+        self.fc = nn.Sequential(
+            nn.Linear(cfg.n_embed, cfg.n_inner),
+            _quantizer(cfg),
+            nn.Identity(),
+            nn.Linear(cfg.n_inner, cfg.n_embed),
+            _quantizer(cfg),
+            nn.Identity(),
+        )
+        self.attention_block = 16
+        self.attention_queries = 1024
+
+    def empty_memory(self, device: torch.device | str | None = None) -> LayerMemory:
+        c = self.cfg
+        return LayerMemory(torch.zeros(c.n_seq, c.n_head, c.n_k + c.n_v, device=device, dtype=self.pos_emb.dtype))
+
+    def forward(self, x: Tensor, memory: LayerMemory) -> tuple[Tensor, LayerMemory]:
+        attended, memory = self.attention(self.quant_ln1(self.ln1(x)), memory)
+        y = x + self.out(self.quant_attnv(attended))
+        return y + self.ffn(self.quant_ln2(self.ln2(y))), memory
+
+    def ffn(self, a: Tensor) -> Tensor:
+        """Q(W3 · Q(ReLU(W0·a + b0)) + b3). The ReLU runs outside its quantizer so that it is priced as an op."""
+        hidden = self.fc[1](torch.relu(self.fc[0](a)))
+        return self.fc[4](self.fc[3](hidden))
+
+    def attention(self, a: Tensor, memory: LayerMemory) -> tuple[Tensor, LayerMemory]:
+        """Heads of the C-key band; returns the concatenated head outputs ``(L, n_head·n_v)`` and the new memory."""
+        c = self.cfg
+        n = a.shape[0]
+        z = self.quant_qkv(self.qkv(a)).view(n, c.n_head, 2 * c.n_k + c.n_v)  # per head [q | k | v]
+        q = z[..., : c.n_k]
+        kv = torch.cat([memory.kv, z[..., c.n_k :]], dim=0)  # (n_seq + L, H, n_k + n_v)
+        keys = kv[..., : c.n_k].transpose(0, 1)  # (H, n_seq + L, n_k)
+        values = kv[..., c.n_k :].transpose(0, 1)
+        qh = q.transpose(0, 1)  # (H, L, n_k)
+        position = qh @ self.pos_emb  # q_h · r_t for every head: (H, L, C)
+        mask = self._memory_mask(memory, n, a.device)
+        window = SlidingWindow(n, c.window, self.attention_block, self.attention_queries)
+        scale = c.n_k**-0.5
+        heads = []
+        for g in window.groups:
+            columns = window.offsets(g, a.device)
+            pos = window.queries(position, g)
+            logits = window.scores(qh, keys, g) + pos.gather(-1, columns.expand(pos.shape))
+            if mask is not None:
+                logits = logits + window.arrange(mask, g)
+            probs = self.quant_attn(torch.softmax(logits * scale, dim=-1))
+            heads.append(window.weighted_sum(probs, values, g))
+        out = torch.cat(heads, dim=-2).transpose(0, 1).reshape(n, c.n_head * c.n_v)
+        new_memory = LayerMemory(kv[-c.n_seq :].detach(), min(c.n_seq, memory.filled + n))
+        return out, new_memory
+
+    def _memory_mask(self, memory: LayerMemory, n: int, device: torch.device) -> Tensor | None:
+        """−inf on zero-memory keys for the unquantized class (``model.Transformer``); None otherwise."""
+        empty = self.cfg.n_seq - memory.filled
+        if self.cfg.quantized or empty == 0:
+            return None
+        mask = torch.zeros(self.cfg.n_seq + n, device=device, dtype=self.pos_emb.dtype)
+        mask[:empty] = float("-inf")
+        return mask
+
+
+# ---------------------------------------------------------------------------------------------- softmax head + cache
+
+
+@dataclass
+class Cache:
+    """The last n_cache final states and the tokens they predicted; value −1 marks an empty slot."""
+
+    keys: Tensor
+    values: Tensor
+
+
+class AdaptiveSoftmax(nn.Module):
+    """The adaptive softmax head (cluster rows in reverse bin order) and the neural cache mixture."""
+
+    def __init__(self, cfg: MitLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.cache_params:
+            self.cache_theta_inv_softplus = nn.Parameter(torch.tensor(math.log(math.expm1(0.016))))
+            self.cache_lambda_inv_sigmoid = nn.Parameter(torch.tensor(math.log(0.07 / 0.93)))
+        edges = cfg.bin_edges
+        self.edges = edges
+        if cfg.cutoffs:
+            self.clusters = nn.Linear(cfg.n_embed, len(cfg.cutoffs))
+        self.layers = nn.ModuleList(nn.Linear(d, edges[i + 1] - edges[i]) for i, d in enumerate(cfg.n_embeds))
+        self.projections = nn.ModuleList(nn.Linear(cfg.n_embed, d, bias=False) for d in cfg.n_embeds[1:])
+        self.block_elements = 1 << 22  # rows per block of the head: ~16 MB of logits
+
+    def theta_lambda(self) -> tuple[float, float]:
+        """θ and λ: the configured values, else the trained scalars, else the best configuration's."""
+        theta, lam = self.cfg.cache_theta, self.cfg.cache_lambda
+        if theta is None:
+            theta = F.softplus(self.cache_theta_inv_softplus).item() if self.cfg.cache_params else BEST_CACHE_THETA
+        if lam is None:
+            lam = torch.sigmoid(self.cache_lambda_inv_sigmoid).item() if self.cfg.cache_params else BEST_CACHE_LAMBDA
+        return float(theta), float(lam)
+
+    def log_prob(self, h: Tensor, targets: Tensor) -> Tensor:
+        """log p_model(target) for each row of h; the full distribution over all bins is normalised per row."""
+        rows = max(1, self.block_elements // max(b - a for a, b in zip(self.edges, self.edges[1:])))
+        return torch.cat([self._log_prob_block(h[i : i + rows], targets[i : i + rows]) for i in range(0, len(h), rows)])
+
+    def _log_prob_block(self, h: Tensor, targets: Tensor) -> Tensor:
+        head = self.layers[0](h)
+        if self.cfg.cutoffs:
+            head = torch.cat([head, self.clusters(h)], dim=-1)
+        head_lp = torch.log_softmax(head, dim=-1)
+        lo, hi = self.edges[0], self.edges[1]
+        out = head_lp.gather(1, targets.clamp(lo, hi - 1).unsqueeze(1)).squeeze(1)
+        for i in range(1, len(self.layers)):
+            lo, hi = self.edges[i], self.edges[i + 1]
+            tail_lp = torch.log_softmax(self.layers[i](self.projections[i - 1](h)), dim=-1)
+            in_bin = (targets >= lo) & (targets < hi)
+            tail = tail_lp.gather(1, (targets.clamp(lo, hi - 1) - lo).unsqueeze(1)).squeeze(1)
+            out = torch.where(in_bin, head_lp[:, -i] + tail, out)  # cluster column −i gates bin i
+        return out
+
+    def empty_cache(self, device: torch.device | str | None = None) -> Cache:
+        keys = torch.zeros(self.cfg.n_cache, self.cfg.n_embed, device=device, dtype=self.layers[0].weight.dtype)
+        return Cache(keys, torch.full((self.cfg.n_cache,), -1, dtype=torch.long, device=device))
+
+    def mix_cache(self, h: Tensor, targets: Tensor, log_p: Tensor, cache: Cache) -> tuple[Tensor, Cache]:
+        """log(λ p_cache + (1 − λ) p_model) over the n_cache previous states (empty slots computed too)."""
+        theta, lam = self.theta_lambda()
+        n, w = h.shape[0], self.cfg.n_cache
+        keys = torch.cat([cache.keys, h], dim=0)
+        values = torch.cat([cache.values, targets], dim=0)
+        window = SlidingWindow(n, w, block=64, max_queries=512)
+        parts = []
+        for g in window.groups:
+            dots = window.scores(h, keys, g)
+            slot_values = window.arrange(values, g)
+            scores = theta * dots.masked_fill(slot_values < 0, CACHE_PAD_SCORE)
+            hit = slot_values == window.queries(targets.unsqueeze(1), g)
+            matched = torch.logsumexp(scores.masked_fill(~hit, float("-inf")), dim=-1)
+            parts.append((matched - torch.logsumexp(scores, dim=-1)).flatten())
+        log_cache = torch.cat(parts)
+        mixed = torch.logaddexp(math.log(lam) + log_cache, math.log1p(-lam) + log_p)
+        return mixed, Cache(keys[-w:].detach(), values[-w:])
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class StreamState:
+    """What flows from one call to the next within a split: per-layer k/v memory and the cache."""
+
+    memory: list[LayerMemory]
+    cache: Cache | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MitLM(nn.Module):
+    """The MIT-HAN-Lab MicroNet Transformer language model, evaluated one stream (batch 1) at a time."""
+
+    def __init__(self, cfg: MitLMConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.embed = AdaptiveEmbedding(cfg)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.quant = _quantizer(cfg)
+        self.loss = AdaptiveSoftmax(cfg)
+        for i in range(len(cfg.n_embeds)):  # tied output/input tables (the later key wins when loading)
+            self.loss.layers[i].weight = self.embed.layers[i].weight
+
+    def new_stream(self, device: torch.device | str | None = None) -> StreamState:
+        """Zero memory and an empty cache: the start of a split."""
+        device = device if device is not None else self.layers[0].pos_emb.device
+        cache = self.loss.empty_cache(device) if self.config.use_cache else None
+        return StreamState([layer.empty_memory(device) for layer in self.layers], cache)
+
+    def hidden(self, inputs: Tensor, state: StreamState) -> tuple[Tensor, list[LayerMemory]]:
+        """The final quantized states h ``(L, n_embed)`` and the new per-layer memory."""
+        x = self.embed(inputs)
+        memory = []
+        for layer, mem in zip(self.layers, state.memory):
+            x, mem = layer(x, mem)
+            memory.append(mem)
+        return self.quant(x), memory
+
+    def forward(
+        self, inputs: Tensor, targets: Tensor, state: StreamState | None = None
+    ) -> tuple[Tensor, StreamState]:
+        """Per-token NLL ``(L,)`` of ``targets`` given ``inputs`` (``(L,)`` ids) and the stream so far."""
+        if inputs.dim() != 1 or inputs.shape != targets.shape:
+            raise MicronetError(f"mit-lm takes 1-d inputs and targets of equal length (batch 1), got "
+                                f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
+        state = state if state is not None else self.new_stream(inputs.device)
+        h, memory = self.hidden(inputs, state)
+        log_p = self.loss.log_prob(h, targets)
+        cache = state.cache
+        if self.config.use_cache:
+            log_p, cache = self.loss.mix_cache(h, targets, log_p, state.cache)
+        return -log_p, StreamState(memory, cache)
+
+    def declared_weight_bits(self, bits: int | None = None) -> dict[str, int]:
+        """{state-dict name: bits} for the parameters: quantized tensors at ``bits``; ``pos_emb``, LayerNorm γ/β
+        and trained cache scalars are stored unquantized (32)."""
+        bits = self.config.bits if bits is None else bits
+        out = {}
+        for name, _ in self.state_dict(keep_vars=True).items():
+            if name.endswith((".max_abs", ".inv_scale")):
+                continue
+            full = name.endswith(".pos_emb") or ".ln1." in name or ".ln2." in name or ".cache_" in name
+            out[name] = 32 if full else bits
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+
+def config_from_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters that the authors' tensor shapes determine (n_v is taken equal to n_k)."""
+    need = ["layers.0.pos_emb", "layers.0.qkv.weight", "layers.0.fc.0.weight", "embed.layers.0.weight"]
+    missing = [k for k in need if k not in state_dict]
+    if missing:
+        raise MicronetError(f"not a MIT-HAN-Lab LM state dict: no {', '.join(missing)}")
+    n_layers = 0
+    while f"layers.{n_layers}.pos_emb" in state_dict:
+        n_layers += 1
+    n_k, window = state_dict["layers.0.pos_emb"].shape
+    width, n_embed = state_dict["layers.0.qkv.weight"].shape
+    if width % (3 * n_k):
+        raise MicronetError(f"mit-lm: qkv width {width} is not n_head·3·n_k with n_k = {n_k} (from pos_emb)")
+    sizes, n_embeds = [], []
+    while f"embed.layers.{len(sizes)}.weight" in state_dict:
+        rows, d = state_dict[f"embed.layers.{len(sizes)}.weight"].shape
+        sizes.append(int(rows))
+        n_embeds.append(int(d))
+    cutoffs = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    return {
+        "n_layers": n_layers,
+        "n_embed": int(n_embed),
+        "n_embeds": n_embeds,
+        "cutoffs": cutoffs,
+        "n_vocab": sum(sizes),
+        "n_head": int(width // (3 * n_k)),
+        "n_k": int(n_k),
+        "n_v": int(n_k),
+        "n_inner": int(state_dict["layers.0.fc.0.weight"].shape[0]),
+        "n_seq": int(window) - 1,
+        "cache_params": "loss.cache_theta_inv_softplus" in state_dict,
+        "quantized": any(k.endswith(".max_abs") for k in state_dict),
+    }
+
+
+def build(config: Mapping[str, Any]) -> MitLM:
+    return MitLM(MitLMConfig.from_mapping(config))
+
+
+# ---------------------------------------------------------------------------------------------- example input
+
+
+def bin_token_counts(n: int, counts: tuple[int, ...] = TEST_BIN_COUNTS) -> list[int]:
+    """Split n tokens over the bins in the proportions ``counts`` (largest remainder)."""
+    total = sum(counts)
+    exact = [n * c / total for c in counts]
+    out = [math.floor(e) for e in exact]
+    for i in sorted(range(len(counts)), key=lambda i: exact[i] - out[i], reverse=True)[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def example_tokens(cfg: MitLMConfig, n: int = 1000, seed: int = 0) -> Tensor:
+    """n token ids whose bin histogram matches the WikiText-103 test split's (198,232 / 35,479 / 11,858)."""
+    edges = cfg.bin_edges
+    counts = bin_token_counts(n, TEST_BIN_COUNTS[: len(edges) - 1] if len(edges) - 1 <= 3 else (1,) * (len(edges) - 1))
+    gen = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(edges[i], edges[i + 1], (c,), generator=gen) for i, c in enumerate(counts)]
+    tokens = torch.cat(parts)
+    return tokens[torch.randperm(n, generator=gen)]
+
+
+def example_inputs(model: MitLM, n: int = 1000) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) of n predictions for counting without data; the inputs follow the test-set bin mix."""
+    device = model.layers[0].pos_emb.device
+    inputs = example_tokens(model.config, n, seed=0).to(device)
+    targets = example_tokens(model.config, n, seed=1).to(device)
+    return inputs, targets
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+
+
+def demo_paths() -> tuple[Path, Path, Path]:
+    """(checkpoint, config.yaml, data directory) of the bundled demo: a tiny model in the authors' format."""
+    root = Path(str(resources.files("micronet_score.models") / "demo"))
+    return root / "mit_lm_demo.pth", root / "mit_lm_demo.yaml", root / "wikitext-demo"
+
+
+register(
+    ModelSpec(
+        name="mit-lm",
+        title="MIT-HAN-Lab MicroNet Transformer LM (adaptive embedding, banded attention, neural cache)",
+        track="wikitext103",
+        build=build,
+        default_config=MitLMConfig().to_dict(),
+        config_from_state_dict=config_from_state_dict,
+        example_inputs=example_inputs,
+        aliases=("mit-han-lab-lm",),
+    )
+)
