@@ -44,26 +44,53 @@ class Checkpoint:
 
 @dataclass
 class LoadedModel:
-    """A built model with its weights, its configuration and where it came from."""
+    """A built model with its weights, its configuration and where it came from.
+
+    ``name`` is the bundled architecture's name, or ``"torch.export"`` / ``"pickled module"`` for models that carry
+    their own code; ``example_inputs`` are the inputs a ``.pt2`` program was exported with.
+    """
 
     name: str
     model: nn.Module
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    example_inputs: tuple | None = None
+
+    @property
+    def spec(self):
+        """The bundled architecture's registry entry, or None for models that carry their own code."""
+        from micronet_score.models import registry
+
+        return registry.get(self.name) if self.name in registry.names() else None
 
 
-def read_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` with ``weights_only=True`` onto the CPU; a clear error for a missing or unsafe file."""
+PICKLE_HINT = (
+    "it holds pickled Python objects (for example a whole model), and loading it would run code from the file; "
+    "if you trust the file, pass --trust-pickle (trust_pickle=True), or save a state dict instead"
+)
+
+
+def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` onto the CPU (arbitrary unpickling only with ``trust_pickle``);
+    one clear error for a missing, empty, damaged or unsafe file."""
     path = Path(path)
     if not path.is_file():
         raise MicronetError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise MicronetError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise MicronetError(f"{path}: not loadable safely (weights_only): {first}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise MicronetError(f"{path}: not a PyTorch checkpoint ({exc})") from None
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise MicronetError(f"{path}: not loaded: {PICKLE_HINT}") from None
+        raise MicronetError(f"{path}: not a PyTorch checkpoint, or damaged ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated or corrupted archives
+        raise MicronetError(f"{path}: not a PyTorch checkpoint, or damaged ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def is_micronet_checkpoint(obj: Any) -> bool:
@@ -82,10 +109,15 @@ def split_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, Te
 
 
 def _tensors(sd: Mapping[str, Any], source: str) -> dict[str, Tensor]:
-    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    """A state dict: tensors, or (for formats such as {'model': sd, 'criterion': sd}) mappings of tensors."""
+    bad = [k for k, v in sd.items() if not (isinstance(v, Tensor) or _all_tensors(v))]
     if bad:
         raise MicronetError(f"{source}: not a state dict (non-tensor entries: {', '.join(map(str, bad[:5]))})")
     return dict(sd)
+
+
+def _all_tensors(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, Tensor) for v in value.values())
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
@@ -235,31 +267,57 @@ def load_model(
     config: str | os.PathLike | Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    trust_pickle: bool = False,
 ) -> LoadedModel:
-    """Build a bundled architecture and load a checkpoint into it, in eval mode.
+    """Any checkpoint micronet-score accepts, as a model in eval mode; the one place files are resolved.
 
-    ``config`` is a config file path (the authors' ``config.yaml``) or a mapping; ``overrides`` wins over both the
-    file and the defaults. For a micronet-score checkpoint the stored configuration is used (with ``overrides``).
+    - a micronet-score checkpoint (architecture, configuration and weights in one file);
+    - an authors' file of a bundled architecture (``{'net': sd, 'step': n}``, a raw state dict, or their own key
+      format): the architecture is ``model`` or the one bundled architecture that recognises the keys; the
+      shapes give what they determine, ``config`` (their ``config.yaml``, or a mapping) and ``overrides`` the rest;
+    - a ``torch.export`` program (``.pt2``): any exported model, no class definition needed;
+    - a fully pickled ``nn.Module``, only with ``trust_pickle`` (loading a pickle runs code from the file).
     """
     from micronet_score.models import registry
 
     source = str(path)
-    obj = read_file(path)
+    if Path(path).suffix == ".pt2":
+        return _load_exported(Path(path), device)
+    obj = read_file(path, trust_pickle=trust_pickle)
+    if isinstance(obj, nn.Module):
+        obj.to(device).eval()
+        return LoadedModel("pickled module", obj, {}, {"source": source, "class": type(obj).__qualname__})
     file_config = read_config_file(config) if isinstance(config, (str, os.PathLike)) else dict(config or {})
     if is_micronet_checkpoint(obj):
         ckpt = load_checkpoint(path)
-        name = model or ckpt.model
-        spec = registry.get(name)
-        inferred = spec.config_from_state_dict(ckpt.state_dict) if spec.config_from_state_dict else {}
-        cfg = resolve_config(spec.default_config, inferred, {**ckpt.config, **file_config}, overrides, source)
-        state_dict, meta = ckpt.state_dict, ckpt.meta
+        name, state_dict, meta, stated = model or ckpt.model, ckpt.state_dict, ckpt.meta, {**ckpt.config, **file_config}
     else:
         state_dict, meta = split_state_dict(obj, source)
-        name = model or recognise(state_dict)
-        spec = registry.get(name)
+        name, stated = model or recognise(state_dict), file_config
+    spec = registry.get(name)
+    if spec.load is not None:
+        net = spec.load(state_dict)
+        cfg = dict(spec.config_from_state_dict(state_dict)) if spec.config_from_state_dict else {}
+    else:
         inferred = spec.config_from_state_dict(state_dict) if spec.config_from_state_dict else {}
-        cfg = resolve_config(spec.default_config, inferred, file_config, overrides, source)
-    net = spec.build(cfg)
-    load_weights(net, state_dict, source)
+        cfg = resolve_config(spec.default_config, inferred, stated, overrides, source)
+        net = spec.build(cfg)
+        load_weights(net, state_dict, source)
     net.to(device).eval()
     return LoadedModel(spec.name, net, cfg, {"source": source, **meta})
+
+
+def _load_exported(path: Path, device: str | torch.device) -> LoadedModel:
+    """A ``torch.export`` program: its graph module and the example inputs it was exported with."""
+    if not path.is_file():
+        raise MicronetError(f"checkpoint not found: {path}")
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:  # noqa: BLE001 - damaged archives raise many types
+        raise MicronetError(f"{path}: not a torch.export program, or damaged ({_first_line(exc)})") from None
+    args, kwargs = program.example_inputs or ((), {})
+    if kwargs:
+        raise MicronetError(f"{path}: exported with keyword inputs ({', '.join(kwargs)}); export with positional ones")
+    module = program.module()
+    module.to(device)
+    return LoadedModel("torch.export", module, {}, {"source": str(path)}, tuple(a.to(device) for a in args))

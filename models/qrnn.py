@@ -289,6 +289,7 @@ register(
         default_config=DEFAULT_CONFIG,
         config_from_state_dict=config_from_state_dict,
         example_inputs=example_inputs,
+        load=load_qrnn,
         aliases=("qrnn",),
     )
 )

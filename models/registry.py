@@ -31,6 +31,9 @@ class ModelSpec:
     """Infer the configuration from a state dict's keys and shapes, where the shapes determine it."""
     example_inputs: Callable[[Any], tuple] | None = None
     """Example inputs for counting without data, given the built model."""
+    load: Callable[[Mapping[str, Any]], Any] | None = None
+    """Build and load the model from its authors' state dict, where their key format is not the model's own
+    (``build`` + ``load_state_dict`` otherwise)."""
     aliases: tuple[str, ...] = ()
 
 

@@ -273,6 +273,7 @@ register(
         default_config=DEFAULT_CONFIG,
         config_from_state_dict=config_from_state_dict,
         example_inputs=cifar_example_inputs,
+        load=load_wave_pyramidnet,
         aliases=("wavecomp-pyramidnet",),
     )
 )
