@@ -5,15 +5,28 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from typing import Annotated
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperGroup
 
-from micronet_score import __version__
+from micronet_score import __version__, breakdown
 from micronet_score.errors import MicronetError
-from micronet_score.render import console, error_console, render_rules
+from micronet_score.evaluate_lm import resolve_device
+from micronet_score.render import (
+    console,
+    error_console,
+    render_breakdown,
+    render_comparison,
+    render_models,
+    render_report,
+    render_rules,
+)
+from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES, bundled_rule_names, load_rules
+from micronet_score.scoring import CountOptions, measure_example, measure_images, measure_lm, track_of
 
 
 class _Group(TyperGroup):
@@ -83,6 +96,279 @@ def rules_command(
         sys.stdout.write(json.dumps(rules.model_dump(mode="json"), indent=2) + "\n")
     else:
         render_rules(rules, console())
+
+
+# --- options shared by the measuring commands ---------------------------------------------------------------
+
+Rules = Annotated[str, typer.Option("--rules", help="Rule set: a bundled name or a .toml file.")]
+Track = Annotated[Optional[str], typer.Option("--track", help="imagenet, cifar100 or wikitext103 (default: the "
+                                                              "bundled model's track).")]
+Bits = Annotated[Optional[int], typer.Option("--bits", min=1, max=32, help="Declared weight width in bits.")]
+ActBits = Annotated[Optional[int], typer.Option("--act-bits", min=1, max=32, help="Declared activation width.")]
+Freebie = Annotated[bool, typer.Option("--freebie", help="Unquantized entry: params and mults at 16 bits, "
+                                                         "adds at 32.")]
+Strict = Annotated[bool, typer.Option("--strict", help="Fail if any op has no price in the rule set.")]
+Config = Annotated[Optional[Path], typer.Option("--config", help="The authors' config.yaml (cache size, theta, "
+                                                                 "lambda, bits...).")]
+ModelName = Annotated[Optional[str], typer.Option("--model", help="Bundled architecture of a raw state dict "
+                                                                  "(see `micronet-score models`).")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow a fully pickled model (runs code from "
+                                                                  "the file).")]
+Data = Annotated[Optional[Path], typer.Option("--data", help="Test data: a WikiText directory, the CIFAR-100 "
+                                                             "test file/folder, or an ImageNet image folder.")]
+Split = Annotated[str, typer.Option("--split", help="WikiText split to evaluate.")]
+LimitTokens = Annotated[Optional[int], typer.Option("--limit-tokens", min=1, help="Stop after N predictions "
+                                                                                  "(a quick look).")]
+Vocab = Annotated[Optional[Path], typer.Option("--vocab", help="Vocabulary file (the authors' sorted_vocab.npy "
+                                                               "or one word per line).")]
+Labels = Annotated[Optional[Path], typer.Option("--labels", help="ImageNet labels file for an image folder.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")]
+
+
+def _options(rules: str, track: str | None, bits: int | None, act_bits: int | None, freebie: bool,
+             strict: bool) -> CountOptions:
+    return CountOptions(rules=load_rules(rules), track=track, bits=bits, act_bits=act_bits, freebie=freebie,
+                        strict=strict)
+
+
+def _load(checkpoint: Path | None, model: str | None, config: Path | None, device: str, trust_pickle: bool):
+    from micronet_score.checkpoint import load_model
+
+    return load_model(checkpoint, model=model, config=config, device=resolve_device(device),
+                      trust_pickle=trust_pickle)
+
+
+def _measure(loaded, options: CountOptions, data: Path | None, split: str, limit_tokens: int | None,
+             vocab: Path | None, labels: Path | None, device: str, progress: bool | None) -> Report:
+    if data is None:
+        return measure_example(loaded, options, device=resolve_device(device))
+    track = track_of(loaded, options)
+    per = options.rules.track(track).per if track else "sample"
+    if per == "token":
+        return measure_lm(loaded, options, data, split, vocab_file=vocab, limit_tokens=limit_tokens,
+                          device=device, progress=progress)
+    return measure_images(loaded, options, data, labels=labels, device=device, progress=bool(progress))
+
+
+def _progress(as_json: bool) -> bool | None:
+    return False if as_json else None
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint (default: the bundled demo).")] = None,
+    data: Data = None,
+    split: Split = "test",
+    bits: Bits = None,
+    act_bits: ActBits = None,
+    freebie: Freebie = False,
+    rules: Rules = DEFAULT_RULES,
+    track: Track = None,
+    config: Config = None,
+    model: ModelName = None,
+    device: Device = "cpu",
+    limit_tokens: LimitTokens = None,
+    vocab: Vocab = None,
+    labels: Labels = None,
+    strict: Strict = False,
+    trust_pickle: TrustPickle = False,
+    as_json: AsJson = False,
+) -> None:
+    """Quality metric, storage, operations and score, with the verdict against the track's threshold.
+
+    Operations are counted in the same pass over the test data, so data-dependent costs (adaptive-embedding
+    bins, cache fill) are averaged over the data. With no checkpoint, the bundled demo (a tiny MIT-HAN-Lab model in
+    its authors' format, with a small corpus) is evaluated.
+
+    Examples:
+
+      micronet-score eval
+
+      micronet-score eval model-1.pth --config config.yaml --data wikitext-103 --vocab sorted_vocab.npy
+
+      micronet-score eval wrn.pt --model wrn-28-10 --data cifar-100-python --json
+    """
+    if checkpoint is None:
+        from micronet_score.models.mit_lm import demo_paths
+
+        checkpoint, demo_config, demo_data = demo_paths()
+        config, data = config or demo_config, data or demo_data
+    options = _options(rules, track, bits, act_bits, freebie, strict)
+    loaded = _load(checkpoint, model, config, device, trust_pickle)
+    if data is None:
+        raise MicronetError("eval needs the test data (--data); `micronet-score count` counts without data")
+    report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(as_json))
+    _emit(report, as_json, f"{loaded.name}: {checkpoint}")
+
+
+@app.command("count")
+def count_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    bits: Bits = None,
+    act_bits: ActBits = None,
+    freebie: Freebie = False,
+    rules: Rules = DEFAULT_RULES,
+    track: Track = None,
+    config: Config = None,
+    model: ModelName = None,
+    device: Device = "cpu",
+    strict: Strict = False,
+    trust_pickle: TrustPickle = False,
+    as_json: AsJson = False,
+) -> None:
+    """Storage, operations and score without the quality metric, on the architecture's example input.
+
+    Language models count one example stream whose adaptive-embedding bins follow the WikiText-103 test set's
+    frequencies; image models one image of the track's size; `.pt2` programs their exported example inputs.
+
+    Examples:
+
+      micronet-score count model-1.pth --config config.yaml
+
+      micronet-score count exported.pt2 --track cifar100 --bits 8
+    """
+    options = _options(rules, track, bits, act_bits, freebie, strict)
+    loaded = _load(checkpoint, model, config, device, trust_pickle)
+    report = measure_example(loaded, options, device=resolve_device(device))
+    _emit(report, as_json, f"{loaded.name}: {checkpoint}")
+
+
+class By(str, Enum):
+    module = "module"
+    op = "op"
+
+
+class SortBy(str, Enum):
+    ops = "ops"
+    params = "params"
+    name = "name"
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    md = "md"
+
+
+@app.command("breakdown")
+def breakdown_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    by: Annotated[By, typer.Option("--by", help="One row per module or per op family.")] = By.module,
+    depth: Annotated[Optional[int], typer.Option("--depth", min=0, help="Sum modules up to this path depth.")] = None,
+    sort: Annotated[Optional[SortBy], typer.Option("--sort", help="Sort rows by operations, params or name.")] = None,
+    top: Annotated[Optional[int], typer.Option("--top", min=1, help="Keep the K first rows.")] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="table, json, csv or md.")] = Format.table,
+    data: Data = None,
+    split: Split = "test",
+    limit_tokens: LimitTokens = None,
+    vocab: Vocab = None,
+    labels: Labels = None,
+    bits: Bits = None,
+    act_bits: ActBits = None,
+    freebie: Freebie = False,
+    rules: Rules = DEFAULT_RULES,
+    track: Track = None,
+    config: Config = None,
+    model: ModelName = None,
+    device: Device = "cpu",
+    strict: Strict = False,
+    trust_pickle: TrustPickle = False,
+) -> None:
+    """Tables per layer or per op: parameters, nonzeros, density, bits, storage, mults, adds, others, operations
+    and share, with a totals row equal to eval's (measured over --data when given, else the example input).
+
+    Examples:
+
+      micronet-score breakdown model-1.pth --config config.yaml --depth 2 --sort ops --top 10
+
+      micronet-score breakdown wrn.pt --model wrn-28-10 --by op --format csv > ops.csv
+    """
+    options = _options(rules, track, bits, act_bits, freebie, strict)
+    loaded = _load(checkpoint, model, config, device, trust_pickle)
+    report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(fmt != "table"))
+    by_ = by.value
+    rows = breakdown.op_rows(report) if by_ == "op" else breakdown.module_rows(report, depth)
+    rows = breakdown.select(rows, sort.value if sort else None, top)
+    total = breakdown.totals(report, by_)
+    if fmt == Format.table:
+        render_breakdown(rows, total, by_, report, console())
+    else:
+        writer = {"json": lambda: breakdown.to_json(rows, total), "csv": lambda: breakdown.to_csv(rows, total, by_),
+                  "md": lambda: breakdown.to_markdown(rows, total, by_)}[fmt.value]
+        sys.stdout.write(writer())
+
+
+@app.command("compare")
+def compare_command(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoint files.")],
+    bits: Bits = None,
+    act_bits: ActBits = None,
+    freebie: Freebie = False,
+    rules: Rules = DEFAULT_RULES,
+    track: Track = None,
+    model: ModelName = None,
+    device: Device = "cpu",
+    trust_pickle: TrustPickle = False,
+    as_json: AsJson = False,
+) -> None:
+    """Checkpoints side by side (storage, operations, score), with the differences from the first.
+
+    Examples:
+
+      micronet-score compare dense.pt pruned.pt --model wrn-28-10
+    """
+    if len(checkpoints) < 2:
+        raise MicronetError("compare needs at least two checkpoints")
+    options = _options(rules, track, bits, act_bits, freebie, False)
+    reports = {}
+    for path in checkpoints:
+        reports[str(path)] = measure_example(_load(path, model, None, device, trust_pickle), options,
+                                             device=resolve_device(device))
+    if as_json:
+        sys.stdout.write(json.dumps({name: r.model_dump(mode="json", exclude={"layers"})
+                                     for name, r in reports.items()}, indent=2) + "\n")
+    else:
+        render_comparison(reports, console())
+
+
+@app.command("models")
+def models_command(as_json: AsJson = False) -> None:
+    """The bundled architectures: name, track and what they are.
+
+    Example:
+
+      micronet-score models
+    """
+    from micronet_score.models import registry
+
+    specs = [registry.get(name) for name in registry.names()]
+    if as_json:
+        sys.stdout.write(json.dumps([{"name": s.name, "title": s.title, "track": s.track, "aliases": list(s.aliases)}
+                                     for s in specs], indent=2) + "\n")
+    else:
+        render_models(specs, console())
+
+
+@app.command("schema")
+def schema_command() -> None:
+    """The JSON schema of the report that `eval --json` and `count --json` print.
+
+    Example:
+
+      micronet-score schema > report.schema.json
+    """
+    sys.stdout.write(json.dumps(Report.model_json_schema(), indent=2) + "\n")
+
+
+def _emit(report: Report, as_json: bool, title: str) -> None:
+    if as_json:
+        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
+    else:
+        render_report(report, title, console())
+        for warning in report.warnings:
+            error_console().print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
 
 
 def main() -> None:

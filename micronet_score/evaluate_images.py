@@ -6,7 +6,9 @@ The rules compare the number of correct top-1 predictions with a hard threshold 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -44,9 +46,16 @@ class Top1Result:
 
 
 def count_top1(
-    model: nn.Module, images: ImageSet, batch_size: int = 100, progress: bool = False, device: str = "cpu"
+    model: nn.Module,
+    images: ImageSet,
+    batch_size: int = 100,
+    progress: bool = False,
+    device: str = "cpu",
+    counter: Any | None = None,
 ) -> int:
-    """Number of images whose highest-scoring class is their label; the model is run in evaluation mode."""
+    """Number of images whose highest-scoring class is their label; the model is run in evaluation mode.
+
+    ``counter`` (a micronet-score Counter) measures each batch's forward with ``samples`` = its images."""
     was_training = model.training
     model.eval()
     correct = 0
@@ -56,7 +65,8 @@ def count_top1(
         with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar, torch.no_grad():
             task = bar.add_task(f"evaluating {images.name}", total=len(images))
             for batch, labels in images.batches(batch_size):
-                logits = model(batch.to(device))
+                with counter.measure(samples=len(labels)) if counter is not None else contextlib.nullcontext():
+                    logits = model(batch.to(device))
                 correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
                 bar.advance(task, len(labels))
     finally:
@@ -72,11 +82,12 @@ def evaluate_top1(
     batch_size: int = 100,
     progress: bool = False,
     device: str = "cpu",
+    counter: Any | None = None,
 ) -> Top1Result:
     """Top-1 correct count on ``images``, judged by ``track`` of the rule set (e.g. 'cifar100', 'imagenet')."""
     rule_set = load_rules(rules)
     rule = rule_set.track(track)
-    correct = count_top1(model, images, batch_size, progress, device)
+    correct = count_top1(model, images, batch_size, progress, device, counter)
     total = len(images)
     value = correct if rule.metric == "top1_correct" else (correct / total if total else float("nan"))
     return Top1Result(

@@ -78,3 +78,109 @@ def render_rules(rules: RuleSet, out: Console) -> None:
     for name, rule in rules.ops.items():
         ops.add_row(name, _cost(rule.per_element), _cost(rule.per_group) if rule.per_group != Cost() else "")
     out.print(ops)
+
+
+def _si(value: float) -> str:
+    """Counts as people read them: 1.63M, 11.9M, 0.0475."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:,.4g}{suffix}"
+    return f"{value:,.4g}"
+
+
+def render_report(report, title: str, out: Console) -> None:
+    """The summary of one measurement: storage, operations, score, quality and verdict, uncounted ops."""
+    unit = report.per
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("rules / track", f"{report.rules} / {report.track or '-'}")
+    table.add_row("storage (32-bit-equivalent params)", _si(report.params))
+    table.add_row(f"operations per {unit} (32-bit equivalents)", _si(report.flops))
+    table.add_row(f"  raw mults / adds / others per {unit}",
+                  f"{_si(report.mults)} / {_si(report.adds)} / {_si(report.others)}")
+    table.add_row(f"{unit}s measured", f"{report.samples:,.0f}")
+    if report.score is not None:
+        table.add_row("score (lower is better)", f"{report.score:.6g}")
+    if report.quality is not None:
+        q = report.quality
+        verdict = "[green]qualifies[/]" if q.qualifies else "[red]does not qualify[/]"
+        table.add_row(q.metric, f"{q.value:,.6g}")
+        table.add_row(f"threshold ({q.threshold:g})", verdict)
+    if report.conversions:
+        table.add_row("format conversions (free)", f"{report.conversions:,}")
+    out.print(table)
+    if report.uncounted:
+        unc = Table(title="Ops without a price in the rule set (not counted)", title_justify="left")
+        for column in ("op", "module", "calls", "elements"):
+            unc.add_column(column, justify="right" if column in ("calls", "elements") else "left")
+        for op in report.uncounted:
+            unc.add_row(op.op, op.module or "<root>", f"{op.calls:,}", f"{op.elements:,}")
+        out.print(unc)
+
+
+def _cell(column: str, value) -> str:
+    if value is None:
+        return ""
+    if column == "share":
+        return f"{100 * value:.2f}%"
+    if column == "density":
+        return f"{value:.3f}"
+    if isinstance(value, float):
+        return _si(value)
+    if isinstance(value, int) and column != "bits":
+        return f"{value:,}"
+    return str(value)
+
+
+def render_breakdown(rows: list[dict], total: dict, by: str, report, out: Console) -> None:
+    from micronet_score.breakdown import columns
+
+    cols = columns(by)
+    title = f"per {by}: operations per {report.per}, storage in 32-bit equivalents"
+    if by == "module" and out.width < 150:
+        cols = ("name", "density", "bits", "storage", "mults", "adds", "others", "flops", "share")
+        title += " (wider terminal or --format csv/md/json for every column)"
+    table = Table(title=title, title_justify="left")
+    for column in cols:
+        table.add_column("operations" if column == "flops" else column,
+                         justify="left" if column in ("name", "type") else "right", overflow="fold",
+                         min_width=16 if column == "name" else None)
+    for row in rows:
+        table.add_row(*(_cell(c, row[c]) if c != "name" else (row[c] or "<root>") for c in cols))
+    table.add_section()
+    table.add_row(*(_cell(c, total[c]) for c in cols), style="bold")
+    out.print(table)
+
+
+def render_comparison(reports: dict, out: Console) -> None:
+    names = list(reports)
+    first = reports[names[0]]
+    table = Table(title="comparison (differences from the first)", title_justify="left")
+    table.add_column("quantity")
+    for name in names:
+        table.add_column(name, justify="right")
+    for label, key in (("storage", "params"), ("operations", "flops"), ("mults", "mults"), ("adds", "adds"),
+                       ("others", "others"), ("score", "score")):
+        cells = []
+        for i, name in enumerate(names):
+            value = getattr(reports[name], key)
+            if value is None:
+                cells.append("-")
+                continue
+            text = f"{value:.6g}" if key == "score" else _si(value)
+            base = getattr(first, key)
+            if i and base:
+                text += f" ({100 * (value - base) / base:+.1f}%)"
+            cells.append(text)
+        table.add_row(label, *cells)
+    out.print(table)
+
+
+def render_models(specs, out: Console) -> None:
+    table = Table(title="bundled architectures", title_justify="left")
+    for column in ("name", "track", "architecture", "aliases"):
+        table.add_column(column)
+    for spec in specs:
+        table.add_row(spec.name, spec.track, spec.title, ", ".join(spec.aliases))
+    out.print(table)

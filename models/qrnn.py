@@ -137,6 +137,9 @@ class SplitSoftmax(nn.Module):
 class QRNNLanguageModel(nn.Module):
     """Embedding, stacked QRNN layers, tied split softmax: log-probabilities of every word for every token."""
 
+    vocabulary_order = "first"
+    """awd-lstm-lm's word ids: order of first appearance over train, valid, test (not training frequency)."""
+
     def __init__(self, vocabulary: int, emsize: int, nhid: int, nlayers: int, splits: Sequence[int]):
         super().__init__()
         splits = list(splits)

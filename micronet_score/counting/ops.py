@@ -432,10 +432,13 @@ _put(
 )
 _put(elementwise("clamp"), "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_")
 _put(elementwise("round"), "round", "floor", "ceil", "trunc")
+_put(elementwise("bitwise"), "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not", "__and__", "__or__")
+_put(elementwise("logaddexp"), "logaddexp")
 
 _put(reduce("sum"), "sum")
 _put(reduce("mean"), "mean")
 _put(reduce("max"), "amax", "amin", "max", "min", "argmax", "argmin")
+_put(reduce("logsumexp"), "logsumexp")
 _put(pool("avg_pool", 2), "avg_pool2d")
 _put(pool("avg_pool", 3), "avg_pool3d")
 _put(pool("max_pool", 1), "max_pool1d")
@@ -521,6 +524,9 @@ FREE = frozenset(
         "constant_pad_nd",
         "index",
         "index_select",
+        "index_copy",
+        "index_copy_",
+        "nonzero",
         "gather",
         "scatter",
         "index_put",

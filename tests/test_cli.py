@@ -1,0 +1,198 @@
+"""The real CLI on generated checkpoints of every accepted kind: eval, count, breakdown, compare, models, schema."""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from torch import nn
+
+from micronet_score.checkpoint import save_checkpoint
+from micronet_score.models import registry
+from micronet_score.models.mit_lm import demo_paths
+
+CKPT, CONFIG, DATA = demo_paths()
+SMALL_WRN = {"depth": 10, "widen": 1, "num_classes": 10}
+
+
+def _json(cli, *args):
+    code, out, err = cli(*args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def demo_eval():
+    from typer.testing import CliRunner
+
+    from micronet_score.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_eval_without_arguments_scores_the_demo(demo_eval):
+    assert demo_eval["track"] == "wikitext103" and demo_eval["per"] == "token"
+    quality = demo_eval["quality"]
+    assert quality["metric"] == "perplexity" and quality["threshold"] == 35
+    assert quality["qualifies"] == (quality["value"] <= 35)
+    # score = storage / 159e6 + operations / 318e6 (the track's baselines)
+    assert demo_eval["score"] == pytest.approx(demo_eval["params"] / 159e6 + demo_eval["flops"] / 318e6)
+    assert demo_eval["uncounted"] == []
+    assert demo_eval["conversions"] > 0  # the 9-bit activation quantizers
+
+
+def test_report_validates_against_the_published_schema(cli, demo_eval):
+    schema = _json(cli, "schema")
+    jsonschema.validate(demo_eval, schema)
+    for key in ("schema", "rules", "track", "params", "flops", "mults", "adds", "score", "quality", "layers",
+                "uncounted"):
+        assert key in schema["properties"]
+
+
+def test_breakdown_totals_equal_eval_totals(cli, demo_eval):
+    code, out, err = cli("breakdown", str(CKPT), "--config", str(CONFIG), "--data", str(DATA), "--format", "csv")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    total = rows[-1]
+    assert total["name"] == "total"
+    assert float(total["storage"]) == pytest.approx(demo_eval["params"], rel=1e-12)
+    assert float(total["flops"]) == pytest.approx(demo_eval["flops"], rel=1e-12)
+    assert sum(float(r["flops"]) for r in rows[:-1]) == pytest.approx(float(total["flops"]))
+
+
+def test_breakdown_markdown_and_json_parse_back(cli):
+    common = ("breakdown", str(CKPT), "--config", str(CONFIG), "--by", "op")
+    code, md, _ = cli(*common, "--format", "md")
+    assert code == 0
+    lines = md.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    as_json = _json(cli, *common, "--format", "json")
+    assert [cells[0] for cells in body] == [r["name"] for r in as_json["rows"]] + ["total"]
+    flops = header.index("flops")
+    assert [float(cells[flops]) for cells in body[:-1]] == [r["flops"] for r in as_json["rows"]]
+    assert float(body[-1][flops]) == as_json["total"]["flops"]
+
+
+def test_breakdown_table_depth_sort_top(cli):
+    code, out, _ = cli("breakdown", str(CKPT), "--config", str(CONFIG), "--depth", "1", "--sort", "ops", "--top", "2")
+    assert code == 0 and "total" in out
+
+
+def test_count_demo_uses_the_test_set_bin_mix(cli):
+    report = _json(cli, "count", str(CKPT), "--config", str(CONFIG), "--json")
+    assert report["quality"] is None and report["samples"] == 1000
+
+
+def _small_wrn(tmp_path, name="wrn.pt", sparsity=0.0):
+    torch.manual_seed(0)
+    net = registry.get("wrn-28-10").build(SMALL_WRN)
+    if sparsity:
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.dim() > 1:
+                    p.mul_((torch.rand_like(p) >= sparsity).float())
+    return save_checkpoint(tmp_path / name, "wrn-28-10", SMALL_WRN, net.state_dict())
+
+
+def test_count_self_describing_checkpoint(cli, tmp_path):
+    report = _json(cli, "count", str(_small_wrn(tmp_path)), "--json")
+    assert report["track"] == "cifar100" and report["per"] == "sample" and report["samples"] == 1
+    assert report["score"] == pytest.approx(report["params"] / 36.5e6 + report["flops"] / 10.49e9)
+
+
+def test_count_raw_state_dict_needs_and_takes_model(cli, tmp_path):
+    raw = tmp_path / "raw.pt"
+    torch.save(torch.load(CKPT, weights_only=True)["net"], raw)
+    report = _json(cli, "count", str(raw), "--model", "mit-lm", "--config", str(CONFIG), "--json")
+    again = _json(cli, "count", str(CKPT), "--config", str(CONFIG), "--json")
+    assert report["params"] == again["params"] and report["flops"] == again["flops"]
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_count_torch_export_program(cli, tmp_path):
+    program = torch.export.export(TinyNet().eval(), (torch.randn(2, 3, 8, 8),))
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(program, path)
+    report = _json(cli, "count", str(path), "--track", "cifar100", "--json")
+    # per image: conv 4 outputs/pixel x 64 pixels, each a 27-term dot product; fc 10 x 4 terms
+    assert report["samples"] == 2
+    dot = next(op for op in report["ops"] if op["family"] == "dot_product")
+    assert dot["mults"] == 4 * 64 * 27 + 10 * 4
+
+
+class Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+def test_pickled_model_needs_trust_and_never_runs_code(cli, tmp_path):
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"net": Evil(str(marker))}, evil)
+    code, out, err = cli("count", str(evil))
+    assert code == 2 and not marker.exists()
+    assert "--trust-pickle" in " ".join(err.split()) and "Traceback" not in out + err
+
+
+def test_pickled_module_with_trust_pickle(cli, tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(TinyNet(), path)
+    code, _, err = cli("count", str(path), "--json")
+    assert code == 2 and "--trust-pickle" in " ".join(err.split())
+    code, out, err = cli("count", str(path), "--trust-pickle", "--track", "cifar100", "--json")
+    assert code == 2 and "no example input" in " ".join(err.split())  # a pickled module carries no example input
+
+
+def test_compare_dense_and_pruned(cli, tmp_path):
+    dense, pruned = _small_wrn(tmp_path, "dense.pt"), _small_wrn(tmp_path, "pruned.pt", sparsity=0.9)
+    data = _json(cli, "compare", str(dense), str(pruned), "--json")
+    a, b = data[str(dense)], data[str(pruned)]
+    assert b["params"] < a["params"] and b["flops"] < a["flops"]
+    code, out, _ = cli("compare", str(dense), str(pruned))
+    assert code == 0 and "%" in out
+
+
+def test_models_lists_the_bundled_architectures(cli):
+    names = {m["name"] for m in _json(cli, "models", "--json")}
+    assert {"mit-lm", "wrn-28-10", "mobilenet-v2", "lstm-baseline", "jaist-qrnn"} <= names
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("count", "nope.pt"), "checkpoint not found"),
+        (("eval", "nope.pt", "--data", "."), "checkpoint not found"),
+        (("count", str(CKPT), "--model", "nope"), "no bundled model 'nope'"),
+        (("eval", str(CKPT), "--config", str(CONFIG), "--data", "/nonexistent"), "/nonexistent"),
+        (("eval", str(CKPT), "--config", str(CONFIG), "--rules", "nope.toml"), "nope.toml"),
+        (("count", str(CKPT), "--config", str(CONFIG), "--track", "mnist"), "mnist"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(cli, args, needle):
+    code, out, err = cli(*args)
+    assert code == 2, out
+    assert needle in " ".join(err.split()) and "Traceback" not in out + err
+
+
+def test_empty_checkpoint_file(cli, tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    code, _, err = cli("count", str(tmp_path / "empty.pt"))
+    assert code == 2 and "empty file" in err
