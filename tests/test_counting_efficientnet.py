@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from micronet_score.models.registry import get
-
-import micronet_score as ms
 
 STAGES = [  # (t, k, cout, repeats, input size, output size)
     (1, 3, 16, 1, 112, 112),
@@ -71,11 +68,8 @@ class Census:
 
 
 @pytest.fixture(scope="module")
-def report():
-    spec = get("efficientnet-b0")
-    with torch.device("meta"):
-        model = spec.build(spec.default_config).eval()
-    return ms.count(model, torch.empty(1, 3, 224, 224, device="meta"), track="imagenet")
+def report(meta_count):
+    return meta_count("efficientnet-b0", torch.empty(1, 3, 224, 224))
 
 
 def test_every_block_against_its_formula(report):

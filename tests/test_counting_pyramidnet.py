@@ -21,9 +21,6 @@ from __future__ import annotations
 import pytest
 import torch
 from micronet_score.models import pyramidnet
-from micronet_score.models.registry import get
-
-import micronet_score as ms
 
 SIZES = (32, 16, 8)
 
@@ -39,11 +36,8 @@ def blocks():
 
 
 @pytest.fixture(scope="module")
-def report():
-    spec = get("pyramidnet-272")
-    with torch.device("meta"):
-        model = spec.build(spec.default_config).eval()
-    return ms.count(model, torch.empty(1, 3, 32, 32, device="meta"), track="cifar100")
+def report(meta_count):
+    return meta_count("pyramidnet-272", torch.empty(1, 3, 32, 32))
 
 
 def test_every_convolution_against_its_formula(report):

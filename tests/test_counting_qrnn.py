@@ -24,7 +24,6 @@ from __future__ import annotations
 import pytest
 import torch
 from micronet_score.models import qrnn
-from micronet_score.models.registry import get
 
 import micronet_score as ms
 from micronet_score.ruleset import load_rules
@@ -40,11 +39,8 @@ def price(family: str) -> tuple[float, float, float]:
 
 
 @pytest.fixture(scope="module")
-def report():
-    spec = get("qrnn")
-    with torch.device("meta"):
-        model = spec.build(spec.default_config).eval()
-    return ms.count(model, torch.zeros(TOKENS, 1, dtype=torch.long, device="meta"), track="wikitext103")
+def report(meta_count):
+    return meta_count("jaist-qrnn", torch.zeros(TOKENS, 1, dtype=torch.long))
 
 
 def test_parameters_and_storage(report):
