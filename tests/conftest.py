@@ -2,6 +2,15 @@ import pytest
 from typer.testing import CliRunner
 
 
+def pytest_configure(config):
+    """One intra-op thread: the tests' models are small, and on a busy machine with few cores OpenMP's worker
+    threads wait for each other (a first forward of a small PyramidNet took 5 s with 2 threads on 2 loaded cores,
+    0.03 s with one)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def cli():
     """Run the real micronet-score CLI in-process; returns (exit_code, stdout, stderr)."""

@@ -8,10 +8,10 @@ from micronet_score.models import pyramidnet, wave_pyramidnet
 from micronet_score.models.registry import get
 
 from micronet_score.errors import MicronetError
+from wave_checkpoints import SHALLOW, merge_batch_norms, quantize_keys, rank, sparse_checkpoint
 
 # The spec's per-stage widths (B.1), first and last blocks of each stage.
 SPEC_WIDTHS = {0: (18, 20, 23, 83), 1: (85, 87, 89, 149), 2: (152, 154, 156, 216)}
-EPS = 1e-5
 
 
 def test_widths_match_the_spec():
@@ -58,103 +58,6 @@ def test_pyramidnet_forward_applies_shakedrop_expectation():
 # and stride-2 pooled shortcuts, zero padding, every layer factorised, the augmented fc. A forward of the 272-layer
 # network costs seconds on a cold CPU (each of its ~800 distinct conv shapes is set up once), which is what made
 # these tests slow; it exercises no code the shallow network does not.
-
-SHALLOW = {"depth": 29, "alpha": 36}  # planes 20, 24, 28 | 32, 36, 40 | 44, 48, 52; final width 208
-
-
-def rank(name: str) -> tuple[int, int]:
-    """Made-up ranks, different per layer."""
-    h = sum(map(ord, name))
-    return 1 + h % 3, 2 + h % 4
-
-
-def blocks(depth: int = 272, alpha: float = 200):
-    """(prefix, inplanes, planes) of every block of a bottleneck PyramidNet (PyramidNet-272 by default)."""
-    inplanes = 16
-    for s, planes_list in enumerate(pyramidnet.stage_widths(depth, alpha)):
-        for b, planes in enumerate(planes_list):
-            yield f"layer{s + 1}.{b}", inplanes, planes
-            inplanes = 4 * planes
-
-
-def sparse_checkpoint(seed: int = 0, depth: int = 272, alpha: float = 200) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-
-    def rand(*shape):
-        return 0.3 * torch.randn(*shape, generator=gen)
-
-    def conv(name, cin, cout, k):
-        r_a, r_g = rank(name)
-        sd[f"{name}.basis.sequential.0.conv.weight"] = rand(r_a, cin, 1, 1)
-        sd[f"{name}.basis.sequential.1.weight"] = rand(r_g, r_a, k, k)
-        sd[f"{name}.basis.sequential.2.conv.weight"] = rand(cout, r_g, 1, 1)
-
-    def bn(name, c):
-        sd[f"{name}.weight"] = 0.5 + torch.rand(c, generator=gen)
-        sd[f"{name}.bias"] = rand(c)
-        sd[f"{name}.running_mean"] = rand(c)
-        sd[f"{name}.running_var"] = 0.5 + torch.rand(c, generator=gen)
-        sd[f"{name}.num_batches_tracked"] = torch.tensor(100)
-
-    conv("conv1", 3, 16, 3)
-    bn("bn1", 16)
-    final = 16
-    for prefix, inplanes, planes in blocks(depth, alpha):
-        bn(f"{prefix}.bn1", inplanes)
-        conv(f"{prefix}.conv1", inplanes, planes, 1)
-        bn(f"{prefix}.bn2", planes)
-        conv(f"{prefix}.conv2", planes, planes, 3)
-        bn(f"{prefix}.bn3", planes)
-        conv(f"{prefix}.conv3", planes, 4 * planes, 1)
-        bn(f"{prefix}.bn4", 4 * planes)
-        final = 4 * planes
-    bn("bn_final", final)
-    r_a, r_g = rank("fc")
-    sd["fc.basis.sequential.0.linear.weight"] = rand(r_a, final + 1)
-    sd["fc.basis.sequential.1.weight"] = rand(r_g, r_a)
-    sd["fc.basis.sequential.2.linear.weight"] = rand(100, r_g)
-    return sd
-
-
-def merges(depth: int = 272, alpha: float = 200) -> list[tuple[str, str]]:
-    """(conv, batch norm folded into it) pairs: the stem, and conv1/2/3 with bn2/3/4 of every block."""
-    return [("conv1", "bn1")] + [
-        (f"{prefix}.conv{i}", f"{prefix}.bn{i + 1}") for prefix, _, _ in blocks(depth, alpha) for i in (1, 2, 3)
-    ]
-
-
-def merge_batch_norms(sd: dict[str, torch.Tensor], depth: int = 272, alpha: float = 200) -> dict[str, torch.Tensor]:
-    """Submissions 2/3: fold each BN that follows a conv into its rotation G (which gains a bias)."""
-    out = dict(sd)
-    for conv, bn in merges(depth, alpha):
-        scale = out[f"{bn}.weight"] / torch.sqrt(out[f"{bn}.running_var"] + EPS)
-        weight = out.pop(f"{conv}.basis.sequential.2.conv.weight")
-        out[f"{conv}.basis.sequential.2.weight"] = weight * scale.view(-1, 1, 1, 1)
-        out[f"{conv}.basis.sequential.2.bias"] = out[f"{bn}.bias"] - out[f"{bn}.running_mean"] * scale
-        for entry in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            del out[f"{bn}.{entry}"]
-    return out
-
-
-def parameterless_leaves(depth: int = 272, alpha: float = 200) -> list[str]:
-    return [f"{prefix}.{leaf}" for prefix, _, _ in blocks(depth, alpha) for leaf in ("relu", "shake_drop")] + [
-        "layer2.0.downsample", "layer3.0.downsample", "relu_final", "avgpool"]
-
-
-def quantize_keys(sd: dict[str, torch.Tensor], bp: int = 6, depth: int = 272, alpha: float = 200):
-    """The quantized layout: quant_net. prefix, a wrapper level per leaf, a forward_bp per leaf and the input."""
-    out = {"quant_input.forward_bp": torch.tensor(bp)}
-    leaves = set(parameterless_leaves(depth, alpha))
-    for key, value in sd.items():
-        leaf, entry = key.rsplit(".", 1)
-        leaf_name = leaf.rsplit(".", 1)[-1]
-        out[f"quant_net.{leaf}.{leaf_name}.{entry}"] = value
-        leaves.add(leaf)
-    for leaf in leaves:
-        out[f"quant_net.{leaf}.quant.forward_bp"] = torch.tensor(bp)
-    return out
-
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
