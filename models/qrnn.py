@@ -135,7 +135,22 @@ class SplitSoftmax(nn.Module):
 
 
 class QRNNLanguageModel(nn.Module):
-    """Embedding, stacked QRNN layers, tied split softmax: log-probabilities of every word for every token."""
+    """Embedding, stacked QRNN layers, tied split softmax: log-probabilities of every word for every token.
+
+    Streaming interface (what a language-model evaluator needs; time first, word ids as in the vocabulary):
+
+    * ``model(tokens, state) -> (log_probs, state)``: tokens (T, B) long; log_probs (T, B, V), natural-log
+      probabilities of the *next* word after each input token, the whole distribution (this is what gets counted);
+    * ``model.score(tokens, targets, state) -> (target_log_probs, state)``: targets (T, B), usually the tokens
+      shifted by one; target_log_probs (T, B) = log p(targets[t] | tokens[..t]);
+    * ``state``: ``None`` (or :meth:`init_state`) starts from zeros; pass the returned state to the next call to
+      continue the stream, so that splitting a sequence into segments gives the same numbers as one call. It is a
+      list with one :class:`LayerState` (cell c_T and last input x_T) per layer; reset it at the start of a stream.
+
+    Evaluate under ``torch.no_grad()`` (the state then holds no graph). Perplexity of a stream of N + 1 word ids
+    ``ids``: feed ``ids[:-1]`` as tokens and ``ids[1:]`` as targets, in segments of any length, and take
+    ``exp(-sum(target_log_probs) / N)``.
+    """
 
     vocabulary_order = "first"
     """awd-lstm-lm's word ids: order of first appearance over train, valid, test (not training frequency)."""
@@ -166,6 +181,25 @@ class QRNNLanguageModel(nn.Module):
             x, layer_state = layer(x, None if state is None else state[i])
             new_state.append(layer_state)
         return self.log_probs(x), new_state
+
+    def init_state(self, batch: int = 1, device: torch.device | str | None = None) -> list[LayerState]:
+        """The zero state of every layer (what ``state=None`` means): the start of a stream."""
+        device = device if device is not None else self.encoder.weight.device
+        widths = [self.emsize] + [self.nhid] * (self.nlayers - 1) + [self.emsize]
+        return [
+            LayerState(torch.zeros(batch, widths[i + 1], device=device), torch.zeros(batch, widths[i], device=device))
+            for i in range(self.nlayers)
+        ]
+
+    def score(
+        self, tokens: Tensor, targets: Tensor, state: list[LayerState] | None = None
+    ) -> tuple[Tensor, list[LayerState]]:
+        """tokens, targets: (T, B) -> log-probabilities (T, B) of each target given the tokens up to it, and the
+        state after the last token."""
+        if targets.shape != tokens.shape:
+            raise MicronetError(f"targets {list(targets.shape)} must have the tokens' shape {list(tokens.shape)}")
+        log_probs, state = self(tokens, state)
+        return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), state
 
     def log_probs(self, hidden: Tensor) -> Tensor:
         """The split softmax's full distribution over all V words: head, then every tail cluster."""

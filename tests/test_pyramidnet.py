@@ -8,10 +8,10 @@ from micronet_score.models import pyramidnet, wave_pyramidnet
 from micronet_score.models.registry import get
 
 from micronet_score.errors import MicronetError
+from wave_checkpoints import SHALLOW, merge_batch_norms, quantize_keys, rank, sparse_checkpoint
 
 # The spec's per-stage widths (B.1), first and last blocks of each stage.
 SPEC_WIDTHS = {0: (18, 20, 23, 83), 1: (85, 87, 89, 149), 2: (152, 154, 156, 216)}
-EPS = 1e-5
 
 
 def test_widths_match_the_spec():
@@ -51,98 +51,13 @@ def test_pyramidnet_forward_applies_shakedrop_expectation():
 
 # ------------------------------------------------------------------------------------------------------------------
 # Wave Computing checkpoints, written out by hand from the spec's key list (B.3)
-
-
-def rank(name: str) -> tuple[int, int]:
-    """Made-up ranks, different per layer."""
-    h = sum(map(ord, name))
-    return 1 + h % 3, 2 + h % 4
-
-
-def blocks():
-    """(prefix, inplanes, planes, kernel-3 stride) of every block of PyramidNet-272."""
-    inplanes = 16
-    for s, planes_list in enumerate(pyramidnet.stage_widths(272, 200)):
-        for b, planes in enumerate(planes_list):
-            yield f"layer{s + 1}.{b}", inplanes, planes
-            inplanes = 4 * planes
-
-
-def sparse_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-
-    def rand(*shape):
-        return 0.3 * torch.randn(*shape, generator=gen)
-
-    def conv(name, cin, cout, k):
-        r_a, r_g = rank(name)
-        sd[f"{name}.basis.sequential.0.conv.weight"] = rand(r_a, cin, 1, 1)
-        sd[f"{name}.basis.sequential.1.weight"] = rand(r_g, r_a, k, k)
-        sd[f"{name}.basis.sequential.2.conv.weight"] = rand(cout, r_g, 1, 1)
-
-    def bn(name, c):
-        sd[f"{name}.weight"] = 0.5 + torch.rand(c, generator=gen)
-        sd[f"{name}.bias"] = rand(c)
-        sd[f"{name}.running_mean"] = rand(c)
-        sd[f"{name}.running_var"] = 0.5 + torch.rand(c, generator=gen)
-        sd[f"{name}.num_batches_tracked"] = torch.tensor(100)
-
-    conv("conv1", 3, 16, 3)
-    bn("bn1", 16)
-    for prefix, inplanes, planes in blocks():
-        bn(f"{prefix}.bn1", inplanes)
-        conv(f"{prefix}.conv1", inplanes, planes, 1)
-        bn(f"{prefix}.bn2", planes)
-        conv(f"{prefix}.conv2", planes, planes, 3)
-        bn(f"{prefix}.bn3", planes)
-        conv(f"{prefix}.conv3", planes, 4 * planes, 1)
-        bn(f"{prefix}.bn4", 4 * planes)
-    bn("bn_final", 864)
-    r_a, r_g = rank("fc")
-    sd["fc.basis.sequential.0.linear.weight"] = rand(r_a, 865)
-    sd["fc.basis.sequential.1.weight"] = rand(r_g, r_a)
-    sd["fc.basis.sequential.2.linear.weight"] = rand(100, r_g)
-    return sd
-
-
-MERGES = [("conv1", "bn1")] + [
-    (f"{prefix}.conv{i}", f"{prefix}.bn{i + 1}") for prefix, _, _ in blocks() for i in (1, 2, 3)
-]
-
-
-def merge_batch_norms(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Submissions 2/3: fold each BN that follows a conv into its rotation G (which gains a bias)."""
-    out = dict(sd)
-    for conv, bn in MERGES:
-        scale = out[f"{bn}.weight"] / torch.sqrt(out[f"{bn}.running_var"] + EPS)
-        weight = out.pop(f"{conv}.basis.sequential.2.conv.weight")
-        out[f"{conv}.basis.sequential.2.weight"] = weight * scale.view(-1, 1, 1, 1)
-        out[f"{conv}.basis.sequential.2.bias"] = out[f"{bn}.bias"] - out[f"{bn}.running_mean"] * scale
-        for entry in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            del out[f"{bn}.{entry}"]
-    return out
-
-
-PARAMETERLESS_LEAVES = (
-    [f"{prefix}.{leaf}" for prefix, _, _ in blocks() for leaf in ("relu", "shake_drop")]
-    + ["layer2.0.downsample", "layer3.0.downsample", "relu_final", "avgpool"]
-)
-
-
-def quantize_keys(sd: dict[str, torch.Tensor], bp: int = 6) -> dict[str, torch.Tensor]:
-    """The quantized layout: quant_net. prefix, a wrapper level per leaf, a forward_bp per leaf and the input."""
-    out = {"quant_input.forward_bp": torch.tensor(bp)}
-    leaves = set(PARAMETERLESS_LEAVES)
-    for key, value in sd.items():
-        leaf, entry = key.rsplit(".", 1)
-        leaf_name = leaf.rsplit(".", 1)[-1]
-        out[f"quant_net.{leaf}.{leaf_name}.{entry}"] = value
-        leaves.add(leaf)
-    for leaf in leaves:
-        out[f"quant_net.{leaf}.quant.forward_bp"] = torch.tensor(bp)
-    return out
-
+#
+# Key counts, ranks and parameter deltas are asserted on the real 272-layer structure (building and loading it
+# costs a fraction of a second). Numerical checks (a forward pass, BN merging computes the same function, the
+# quantizers' grid) run on a shallow PyramidNet-29 (3 blocks per stage) with the same code paths: stem, identity
+# and stride-2 pooled shortcuts, zero padding, every layer factorised, the augmented fc. A forward of the 272-layer
+# network costs seconds on a cold CPU (each of its ~800 distinct conv shapes is set up once), which is what made
+# these tests slow; it exercises no code the shallow network does not.
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -153,7 +68,12 @@ def sparse():
     return sparse_checkpoint()
 
 
-def test_sparse_format_loads_with_ranks_from_the_checkpoint(sparse):
+@pytest.fixture(scope="module")
+def shallow():
+    return sparse_checkpoint(1, **SHALLOW)
+
+
+def test_sparse_format_loads_with_ranks_from_the_checkpoint(sparse, shallow):
     assert len(sparse) == 2_626
     config = get("wave-pyramidnet").config_from_state_dict(sparse)
     assert (config["depth"], config["alpha"], config["num_classes"]) == (272, 200, 100)
@@ -163,23 +83,31 @@ def test_sparse_format_loads_with_ranks_from_the_checkpoint(sparse):
     model = wave_pyramidnet.load_wave_pyramidnet(sparse)
     core = model.layer2[0].conv2.basis.sequential[1]
     assert core.stride == (2, 2) and core.kernel_size == (3, 3)
+    assert model.fc.basis.sequential[0].linear.in_features == 865
+    # the forward, on the shallow network (see above)
+    small = wave_pyramidnet.load_wave_pyramidnet(shallow)
+    assert (small.layer3[0].conv2.basis.sequential[1].stride, small.final_width) == ((2, 2), 208)
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 32, 32))
+        out = small(torch.randn(1, 3, 32, 32))
     assert out.shape == (1, 100) and torch.isfinite(out).all()
 
 
-def test_merged_format_computes_the_same_function_with_63256_fewer_parameters(sparse):
+def test_merged_format_computes_the_same_function_with_63256_fewer_parameters(sparse, shallow):
     merged = merge_batch_norms(sparse)
     assert len(merged) == 2_626 - 5 * (1 + 270) + (1 + 270)
     plain = wave_pyramidnet.load_wave_pyramidnet(sparse)
     folded = wave_pyramidnet.load_wave_pyramidnet(merged)
     assert n_params(folded) - n_params(plain) == -63_256  # -(16 + 6 x 10,540), B.3
+    # the same function, on the shallow network: -(16 + 6 x (20 + 24 + ... + 52)) parameters there
+    small_plain = wave_pyramidnet.load_wave_pyramidnet(shallow)
+    small_folded = wave_pyramidnet.load_wave_pyramidnet(merge_batch_norms(shallow, **SHALLOW))
+    assert n_params(small_folded) - n_params(small_plain) == -(16 + 6 * 324)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), plain(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(small_folded(x), small_plain(x), rtol=1e-4, atol=1e-4)
 
 
-def test_quantized_formats_have_the_spec_key_counts_and_quantize_activations(sparse):
+def test_quantized_formats_have_the_spec_key_counts_and_quantize_activations(sparse, shallow):
     first = quantize_keys(sparse)
     second = quantize_keys(merge_batch_norms(sparse))
     assert len(first) == 3_989 and len(second) == 2_634  # B.3: submission 1; submissions 2 and 3
@@ -188,6 +116,10 @@ def test_quantized_formats_have_the_spec_key_counts_and_quantize_activations(spa
     for state, merged in ((first, False), (second, True)):
         config = wave_pyramidnet.config_from_state_dict(state)
         assert config["quantized"] and config["merged_bn"] == merged
+        model = wave_pyramidnet.load_wave_pyramidnet(state)
+        assert len(model.state_dict()) == len(state)
+    # the activation quantizers, on the shallow network
+    for state in (quantize_keys(shallow, **SHALLOW), quantize_keys(merge_batch_norms(shallow, **SHALLOW), **SHALLOW)):
         model = wave_pyramidnet.load_wave_pyramidnet(state)
         assert len(model.state_dict()) == len(state)
         with torch.no_grad():

@@ -127,6 +127,28 @@ def test_state_carries_cells_and_previous_input_across_calls():
     assert state[0].prev_x.shape == (1, 6)  # the first layer's x_{t-1}
 
 
+def test_streaming_score_in_segments_equals_one_pass():
+    """The evaluator's interface: score(tokens, targets, state) in segments gives the one-pass log-likelihood."""
+    model = qrnn.load_qrnn(make_checkpoint(seed=2), splits=SMALL["splits"])
+    ids = torch.tensor([[4, 7], [58, 12], [11, 39], [26, 0], [3, 3], [40, 21], [9, 55]])  # (T + 1, B = 2)
+    tokens, targets = ids[:-1], ids[1:]
+    with torch.no_grad():
+        full, _ = model(tokens)
+        whole, _ = model.score(tokens, targets)
+        state = model.init_state(batch=2)
+        pieces = []
+        for start in (0, 2, 5):
+            stop = {0: 2, 2: 5, 5: 6}[start]
+            logp, state = model.score(tokens[start:stop], targets[start:stop], state)
+            pieces.append(logp)
+    assert whole.shape == (6, 2)
+    torch.testing.assert_close(whole, full.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(torch.cat(pieces), whole)
+    assert [tuple(s.cell.shape) for s in state] == [(2, 10), (2, 10), (2, 6)]
+    with pytest.raises(MicronetError, match="targets"):
+        model.score(tokens, targets[:3])
+
+
 def test_flat_format_with_criterion_prefix_loads_the_same():
     ckpt = make_checkpoint(seed=2)
     flat = dict(ckpt["model"])
