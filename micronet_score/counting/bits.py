@@ -50,13 +50,16 @@ class BitPolicy:
                 f"(rule set {self.rules.name}: quantized entries count their real widths)"
             )
 
-    def stored(self, names: list[str], is_parameter: bool) -> int:
-        """Storage width of a tensor known by these names: freebie, per-tensor, global (parameters), default."""
+    def stored(self, names: list[str], is_parameter: bool, native: int | None = None) -> int:
+        """Storage width of a tensor known by these names: freebie, per-tensor, its integer dtype's width
+        (``native``), global (parameters), default."""
         if self.freebie:
             return self.rules.freebie.param_bits
         for name in names:
             if name in self.weight_bits:
                 return self.weight_bits[name]
+        if native is not None:
+            return native
         if is_parameter and self.bits is not None:
             return self.bits
         return self.rules.default_bits

@@ -34,6 +34,12 @@ DTYPE_BITS: dict[torch.dtype, int] = {
 """Widths of the narrow dtypes (the storage width a value of that dtype has without any declaration)."""
 
 
+QUANTIZED: dict[torch.dtype, int] = {
+    dtype: bits for dtype, bits in DTYPE_BITS.items() if not dtype.is_floating_point and dtype != torch.bool
+}
+"""Integer and quantized dtypes: a value of one has its dtype's width, whatever the declared activation width."""
+
+
 def dtype_bits(dtype: torch.dtype) -> int:
     """Storage width of a dtype (element size in bits when it is not a narrow dtype)."""
     width = DTYPE_BITS.get(dtype)
