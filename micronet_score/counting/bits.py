@@ -50,6 +50,13 @@ class BitPolicy:
                 f"(rule set {self.rules.name}: quantized entries count their real widths)"
             )
 
+    def declared(self, names: list[str], is_parameter: bool) -> int | None:
+        """Width the user declared for a tensor known by these names: per tensor, else global (parameters)."""
+        for name in names:
+            if name in self.weight_bits:
+                return self.weight_bits[name]
+        return self.bits if is_parameter else None
+
     def stored(self, names: list[str], is_parameter: bool, native: int | None = None) -> int:
         """Storage width of a tensor known by these names: freebie, per-tensor, its integer dtype's width
         (``native``), global (parameters), default."""
@@ -60,9 +67,7 @@ class BitPolicy:
                 return self.weight_bits[name]
         if native is not None:
             return native
-        if is_parameter and self.bits is not None:
-            return self.bits
-        return self.rules.default_bits
+        return self.declared(names, is_parameter) or self.rules.default_bits
 
 
 def quantized_bits(quant_min: int, quant_max: int) -> int:

@@ -3,7 +3,7 @@
 A b-bit uniform grid is ``{s * q}`` (symmetric: zero on the grid, q a signed b-bit integer) or ``{z + s * q}``
 (affine: ``2**b`` levels from the minimum). The grid step is the floating-point greatest common divisor of the
 differences between distinct values (zero included for the symmetric grid), found with a tolerance that accepts
-values rounded to fp32. Values on no grid of at most 2**24 levels need their storage width (32 for fp32).
+values rounded to fp32. Values on no grid of at most 2**18 levels need their storage width (32 for fp32).
 Rules §1.5 also need the scale of a grid to keep ``q * s`` exact in fp32: see :func:`exact_scale_bits`.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_LEVELS = 2**24
-"""More levels than fp32's significand holds: such values are on no useful uniform grid."""
+MAX_LEVELS = 2**18
+"""Grids of more levels are not searched: values needing more than 18 bits count at their storage width."""
 
 DTYPE_BITS: dict[torch.dtype, int] = {
     torch.qint8: 8,
@@ -54,7 +54,7 @@ class Grid:
 
     distinct: int
     step: float | None = None
-    """affine grid step (None: the values lie on no uniform grid of at most 2**24 levels)"""
+    """affine grid step (None: the values lie on no uniform grid of at most MAX_LEVELS levels)"""
     levels: int | None = None
     """affine levels from the minimum to the maximum value"""
     symmetric_step: float | None = None
@@ -101,21 +101,32 @@ def _float_gcd(a: float, b: float, eps: float) -> float:
 
 
 def _step(sorted_unique: torch.Tensor) -> float | None:
-    """Step of the coarsest uniform grid holding these sorted distinct float64 values (None: no grid)."""
-    if sorted_unique.numel() < 2:
+    """Step of the coarsest uniform grid holding these sorted distinct float64 values (None: no grid).
+
+    The step divides the smallest difference: smallest / k for the k that a floating-point Euclid suggests (its
+    result only picks k, as its rounding errors grow), refitted by least squares to every difference.
+    """
+    if not 2 <= sorted_unique.numel() <= MAX_LEVELS:
         return None
     diffs = sorted_unique[1:] - sorted_unique[:-1]
     span = float(sorted_unique[-1] - sorted_unique[0])
-    eps = float(sorted_unique.abs().max()) * 2.0**-21
-    step = float(diffs.min())
+    eps = float(sorted_unique.abs().max()) * 2.0**-19  # well above fp32 rounding, below any searched step
+    smallest = float(diffs.min())
+    guess = smallest
     for _ in range(64):
-        if step <= 0 or span / step >= MAX_LEVELS:
+        if guess <= eps:
+            return None
+        step = smallest / max(1, round(smallest / guess))
+        if span / step >= MAX_LEVELS:
             return None
         ratios = diffs / step
-        off = (ratios - ratios.round()).abs() > _tolerance(ratios)
-        if not bool(off.any()):
-            return step
-        step = _float_gcd(step, float(diffs[off][0]), eps)
+        multiples = ratios.round()
+        fitted = float((multiples * diffs).sum() / (multiples * multiples).sum())
+        refit = diffs / fitted
+        if bool(((refit - refit.round()).abs() <= _tolerance(refit)).all()):
+            return fitted
+        worst = int((ratios - multiples).abs().argmax())  # the difference furthest from a multiple of step
+        guess = _float_gcd(step, float(diffs[worst]), eps)
     return None
 
 
