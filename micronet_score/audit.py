@@ -101,7 +101,9 @@ class AuditReport(BaseModel):
         values = sum(t.numel for t in weights)
         nonzeros = sum(t.nonzeros for t in weights)
         widths = sorted({t.bits if t.bits is not None else t.storage_bits for t in weights})
-        sources = sorted({t.mask_source for t in weights if t.mask_source} | {"block" for t in weights if t.block_shape})
+        sources = sorted(
+            {t.mask_source for t in weights if t.mask_source} | {"block" for t in weights if t.block_shape}
+        )
         lines = [
             f"audit ({self.rules}): {len(weights)} weight tensors, {values:,} values, density "
             f"{nonzeros / values if values else 1:.1%}" + (f" (masks: {', '.join(sources)})" if sources else ""),
@@ -152,7 +154,9 @@ def audit(
     report = AuditReport(rules=rule_set.name, bits=bits, act_bits=act_bits, weight_bits=dict(policy.weight_bits))
     for names, role, values, source in entries:
         shape = _block_shape(block_shape, names)
-        entry = _tensor_audit(names[0], role, values, source, policy.declared(names, role in ("weight", "packed")), shape, rule_set)
+        entry = _tensor_audit(
+            names[0], role, values, source, policy.declared(names, role in ("weight", "packed")), shape, rule_set
+        )
         report.tensors.append(entry)
         report.violations += _width_violations(entry)
     for activation, scales in activations:
@@ -233,9 +237,7 @@ def _state_entries(state: Mapping[str, Any]) -> list[Entry]:
         if key in used or not isinstance(value, torch.Tensor):
             continue
         last = key.rpartition(".")[2]
-        role: Role = (
-            "quantizer" if last in _QUANTIZER_KEYS else "buffer" if last in _STATE_KEYS else "weight"
-        )
+        role: Role = "quantizer" if last in _QUANTIZER_KEYS else "buffer" if last in _STATE_KEYS else "weight"
         entries.append(([key], role, value, None))
     return entries
 

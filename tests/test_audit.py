@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.utils.prune as prune
 from torch import nn
+from torch.nn.utils import prune
 
 import micronet_score as ms
 from micronet_score.audit import audit

@@ -12,7 +12,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-CANDIDATES: tuple[tuple[int, int], ...] = ((16, 16), (8, 8), (16, 1), (1, 16), (4, 4), (8, 1), (1, 8), (2, 2), (4, 1), (1, 4))
+CANDIDATES: tuple[tuple[int, int], ...] = (
+    (16, 16),
+    (8, 8),
+    (16, 1),
+    (1, 16),
+    (4, 4),
+    (8, 1),
+    (1, 8),
+    (2, 2),
+    (4, 1),
+    (1, 4),
+)
 """Block shapes tried by detection, largest first."""
 
 

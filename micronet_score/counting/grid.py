@@ -140,12 +140,12 @@ def measure(values: torch.Tensor) -> Grid:
     if distinct < 2:
         return Grid(distinct, 0.0, 1, 0.0, 0, 0) if distinct else Grid(0)
     step = _step(unique)
-    levels = None if step is None else int(round(float(unique[-1] - unique[0]) / step)) + 1
+    levels = None if step is None else round(float(unique[-1] - unique[0]) / step) + 1
     with_zero = unique if bool((unique == 0).any()) else torch.unique(torch.cat([unique, unique.new_zeros(1)]))
     sym = _step(with_zero)
     q_min = q_max = None
     if sym is not None:
-        q_min, q_max = int(round(float(unique[0]) / sym)), int(round(float(unique[-1]) / sym))
+        q_min, q_max = round(float(unique[0]) / sym), round(float(unique[-1]) / sym)
     return Grid(distinct, step, levels, sym, q_min, q_max)
 
 

@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from micronet_score.counting.bits import BitPolicy, Marks
 from micronet_score.counting.costs import Bill, Prices
 from micronet_score.counting.grid import QUANTIZED
-from micronet_score.counting.packed import Packed
 from micronet_score.counting.ops import FREE, TABLE, Handler
+from micronet_score.counting.packed import Packed
 from micronet_score.counting.storage import FoldedNorm, TensorInfo, WeightTable, storage_key
 
 _HANDLERS: dict[Any, Handler | None] = {}

@@ -47,16 +47,16 @@ def _mm(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
 
 
 def _addmm(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
-    bias, a, b = args[0], args[1], args[2]
+    a, b = args[1], args[2]  # args[0] is the bias: added at the accumulator width, it sets no multiply width
     bill = costs.dot_product(ctx.prices, a.shape[-1], out.numel(), ctx.density(a, b))
     if kwargs.get("beta", 1) != 0:
         bill += costs.bias(ctx.prices, out.numel())
-    ctx.record(bill, (a, b))  # the bias is added at the accumulator width: it does not set the multiply width
+    ctx.record(bill, (a, b))
     ctx.linear_output(out)
 
 
 def _convolution(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
-    x, weight, bias, transposed = args[0], args[1], args[2], args[6]
+    x, weight, bias, transposed = args[0], args[1], args[2], args[6]  # the bias sets no multiply width
     outputs = out.numel()
     if transposed:
         # Every input element meets every kernel tap of its group's output channels (weight: cin, cout/g, *k).
