@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from micronet_score.audit import AuditReport
 from micronet_score.ruleset import Cost, RuleSet
 
 
@@ -184,3 +185,36 @@ def render_models(specs, out: Console) -> None:
     for spec in specs:
         table.add_row(spec.name, spec.track, spec.title, ", ".join(spec.aliases))
     out.print(table)
+
+
+def render_audit(report: AuditReport, out: Console) -> None:
+    """The audit as a table (one row per stored tensor, quantizer state left out) and its violations."""
+    table = Table(title=f"Bits and sparsity audit ({report.rules})", title_justify="left")
+    for column in ("tensor", "role", "dtype", "values", "declared", "measured", "per row", "density", "mask"):
+        table.add_column(column, justify="right" if column in ("values", "density") else "left")
+    flagged = {v.tensor for v in report.violations}
+    for t in report.tensors:
+        if t.role == "buffer":
+            continue
+        mask = t.mask_source or ""
+        if t.block_shape:
+            mask = f"{mask} {t.block_source} {t.block_shape[0]}x{t.block_shape[1]} blocks".strip()
+        measured = str(t.measured_bits) if t.measured_bits is not None else f"no grid ({t.storage_bits})"
+        table.add_row(
+            f"[red]{t.name}[/]" if t.name in flagged else t.name,
+            t.role,
+            t.dtype,
+            f"{t.numel:,}",
+            "" if t.declared_bits is None else str(t.declared_bits),
+            measured,
+            "" if t.row_bits is None else str(t.row_bits),
+            f"{t.density:.1%}",
+            mask,
+        )
+    out.print(table)
+    for activation in report.activations:
+        out.print(f"activation quantizer {activation.name or '<root>'} ({activation.source}): {activation.bits} bits")
+    for violation in report.violations:
+        out.print(f"[yellow]violation[/] ({violation.kind}): {violation.message}")
+    if not report.violations:
+        out.print("[green]the declared widths hold[/]")

@@ -50,16 +50,24 @@ class BitPolicy:
                 f"(rule set {self.rules.name}: quantized entries count their real widths)"
             )
 
-    def stored(self, names: list[str], is_parameter: bool) -> int:
-        """Storage width of a tensor known by these names: freebie, per-tensor, global (parameters), default."""
+    def declared(self, names: list[str], is_parameter: bool) -> int | None:
+        """Width the user declared for a tensor known by these names: per tensor, else global (parameters)."""
+        for name in names:
+            if name in self.weight_bits:
+                return self.weight_bits[name]
+        return self.bits if is_parameter else None
+
+    def stored(self, names: list[str], is_parameter: bool, native: int | None = None) -> int:
+        """Storage width of a tensor known by these names: freebie, per-tensor, its integer dtype's width
+        (``native``), global (parameters), default."""
         if self.freebie:
             return self.rules.freebie.param_bits
         for name in names:
             if name in self.weight_bits:
                 return self.weight_bits[name]
-        if is_parameter and self.bits is not None:
-            return self.bits
-        return self.rules.default_bits
+        if native is not None:
+            return native
+        return self.declared(names, is_parameter) or self.rules.default_bits
 
 
 def quantized_bits(quant_min: int, quant_max: int) -> int:

@@ -2,7 +2,9 @@
 
 Module attribution comes from global forward pre/post hooks installed only while counting: every op is
 charged to the innermost module of the model that is running. Widths of operands come from the weight table
-(by storage), from fake-quantization marks, or from the declared activation width.
+(by storage), from fake-quantization marks, from a quantized dtype, or from the declared activation width. Marks
+flow through ops that keep values on their grid (views, copies, lookups, joins, relu, max pooling); arithmetic
+produces values of unknown width, which count at the declared activation width.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from micronet_score.counting.bits import BitPolicy, Marks
 from micronet_score.counting.costs import Bill, Prices
+from micronet_score.counting.grid import QUANTIZED
 from micronet_score.counting.ops import FREE, TABLE, Handler
+from micronet_score.counting.packed import Packed
 from micronet_score.counting.storage import FoldedNorm, TensorInfo, WeightTable, storage_key
 
 _HANDLERS: dict[Any, Handler | None] = {}
@@ -148,17 +152,52 @@ class CountingMode(TorchDispatchMode):
     # --- what handlers call -------------------------------------------------------------------------------
 
     def width(self, tensor: torch.Tensor) -> int:
-        """Width of an operand: a stored tensor's width, a quantizer's mark, else the activation width."""
+        """Width of an operand: a stored tensor's width, a quantizer's mark, a quantized dtype's width, else the
+        declared activation width."""
+        width = self.stored_width(tensor)
+        return self.policy.activation if width is None else width
+
+    def stored_width(self, tensor: torch.Tensor) -> int | None:
+        """Width of a stored tensor, or of a marked or quantized-dtype value; None for an unknown activation."""
         key = storage_key(tensor)
         info = self.weights.get(key) or self.derived.get(key)
         if info is not None:
             self.read.add(key)
             return info.bits
-        if self.marks.used:
-            mark = self.marks.get(tensor)
-            if mark is not None:
-                return mark
-        return self.policy.activation
+        mark = self.marks.get(tensor) if self.marks.used else None
+        return mark if mark is not None else QUANTIZED.get(tensor.dtype)
+
+    def keep(self, source: torch.Tensor, out: Any) -> None:
+        """Ops that keep values on their grid (lookups, joins, relu, max): the output has the source's width."""
+        width = self.stored_width(source)
+        if width is not None:
+            for tensor in _flat(out):
+                self.marks.set(tensor, width)
+
+    def keep_marked(self, sources: Any, out: Any) -> None:
+        """Outputs of relu, max pooling and joins of marked values keep the widest mark (any unmarked: none)."""
+        if not self.marks.used:
+            return
+        width = 0
+        for source in sources:
+            mark = self.marks.get(source) if isinstance(source, torch.Tensor) else None
+            if mark is None:
+                return
+            width = max(width, mark)
+        if width:
+            for tensor in _flat(out):
+                self.marks.set(tensor, width)
+
+    def touch(self, tensor: Any) -> None:
+        """A stored tensor read as a Python number (a quantizer's scale): it is needed for inference."""
+        if isinstance(tensor, torch.Tensor):
+            key = storage_key(tensor)
+            if key in self.weights:
+                self.read.add(key)
+
+    def packed(self) -> Packed | None:
+        """The packed weight of the running torch.ao quantized module."""
+        return self.table.packed.get(self.stack[-1]) if self.stack and self.table.packed else None
 
     def density(self, *operands: torch.Tensor) -> float:
         """Density of the stored (weight) operand of a dot product; activations are dense."""
@@ -171,7 +210,8 @@ class CountingMode(TorchDispatchMode):
         return density
 
     def record(self, bill: Bill, operands: Any) -> None:
-        """Charge a bill: mults and others at the largest operand width, adds at the accumulator width."""
+        """Charge a bill: mults and others at the largest operand width (operands: tensors, or known widths as
+        ints), adds at the accumulator width."""
         if self._fixed is not None:
             mult_bits, other_bits = self._fixed
             for t in operands:
@@ -179,7 +219,8 @@ class CountingMode(TorchDispatchMode):
                     self.width(t)
         else:
             mult_bits = max(
-                (self.width(t) for t in operands if isinstance(t, torch.Tensor)), default=self.policy.activation
+                (self.width(t) if isinstance(t, torch.Tensor) else t for t in operands if t is not None),
+                default=self.policy.activation,
             )
             other_bits = mult_bits
         path = self.stack[-1] if self.stack else ""
@@ -249,7 +290,7 @@ class CountingMode(TorchDispatchMode):
         self._alive.append(out)
         return True
 
-    def quantized(self, out: torch.Tensor, width: int) -> None:
+    def quantized(self, out: Any, width: int) -> None:
         """A fake quantizer's output holds values of its integer range's width; the rounding is a conversion."""
         self.policy.check_freebie(width, "a fake-quantized tensor")
         self.marks.set(out, width)

@@ -16,6 +16,7 @@ import torch
 
 from micronet_score.counting import costs
 from micronet_score.counting.bits import quantized_bits
+from micronet_score.counting.grid import QUANTIZED
 
 if TYPE_CHECKING:
     from micronet_score.counting.interpreter import CountingMode
@@ -46,16 +47,16 @@ def _mm(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
 
 
 def _addmm(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
-    bias, a, b = args[0], args[1], args[2]
+    a, b = args[1], args[2]  # args[0] is the bias: added at the accumulator width, it sets no multiply width
     bill = costs.dot_product(ctx.prices, a.shape[-1], out.numel(), ctx.density(a, b))
     if kwargs.get("beta", 1) != 0:
         bill += costs.bias(ctx.prices, out.numel())
-    ctx.record(bill, (a, b, bias))
+    ctx.record(bill, (a, b))
     ctx.linear_output(out)
 
 
 def _convolution(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
-    x, weight, bias, transposed = args[0], args[1], args[2], args[6]
+    x, weight, bias, transposed = args[0], args[1], args[2], args[6]  # the bias sets no multiply width
     outputs = out.numel()
     if transposed:
         # Every input element meets every kernel tap of its group's output channels (weight: cin, cout/g, *k).
@@ -65,7 +66,7 @@ def _convolution(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None
     bill = costs.dot_product(ctx.prices, terms, outputs, ctx.density(weight))
     if bias is not None:
         bill += costs.bias(ctx.prices, outputs)
-    ctx.record(bill, (x, weight) if bias is None else (x, weight, bias))
+    ctx.record(bill, (x, weight))
     ctx.linear_output(out)
 
 
@@ -324,6 +325,76 @@ def _fake_quant(qmin_at: int) -> Handler:
     return handler
 
 
+def _quantize(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+    """float -> quantized dtype: a conversion; the output has its dtype's width."""
+    ctx.quantized(out, QUANTIZED.get(_first(out).dtype, ctx.policy.activation))
+
+
+def _dequantize(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+    """quantized -> float: a conversion to an exactly representable format; the values keep their width."""
+    ctx.tally.conversions += 1
+    if isinstance(args[0], torch.Tensor):
+        ctx.keep(args[0], out)
+
+
+def _packed_dot(relu: bool, dynamic: bool) -> Handler:
+    """quantized::linear / conv (static: quantized input and output) and linear_dynamic (float input quantized
+    inside the op: its min and max are found, 2 reductions over the input): dot products at the widths of the
+    packed weight and the quantized input, one bias add per output, relu fused or not; requantization is a
+    conversion."""
+
+    def handler(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+        packed = ctx.packed()
+        if packed is None:
+            ctx.unpriced(f"{ctx.op.overloadpacket.__qualname__} outside a torch.ao quantized module", out)
+            return
+        x, outputs = args[0], _numel(_first(out))
+        density = packed.nonzeros / packed.numel if packed.numel else 1.0
+        bill = costs.dot_product(ctx.prices, packed.terms, outputs, density)
+        if packed.bias is not None:
+            bill += costs.bias(ctx.prices, outputs)
+        if relu:
+            bill += costs.elementwise(ctx.prices, "relu", outputs)
+        if dynamic:
+            ctx.record(costs.reduction(ctx.prices, "max", 2 * x.numel(), 2), (x,))
+            ctx.record(bill, (packed.bits,))
+        else:
+            ctx.record(bill, (x, packed.bits))
+            ctx.tally.conversions += 1
+
+    return handler
+
+
+def _keep(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+    """Lookups and rearrangements (free): the output keeps the width of what it reads."""
+    source = args[0]
+    if isinstance(source, torch.Tensor):
+        ctx.keep(source, out)
+
+
+def _embedding(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+    ctx.keep(args[0], out)
+
+
+def _join(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+    ctx.keep_marked(args[0], out)
+
+
+def _scalar(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+    ctx.touch(args[0])
+
+
+def keeping(handler: Handler) -> Handler:
+    """A priced op whose output stays on its input's grid (relu, max pooling, max): the marks flow through."""
+
+    def wrapped(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+        handler(ctx, args, kwargs, out)
+        if ctx.marks.used:
+            ctx.keep_marked(_tensors(args), out if not isinstance(out, (tuple, list)) else out[0])
+
+    return wrapped
+
+
 def _move(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
     if ctx.marks.used:
         ctx.moved(args, out)
@@ -374,7 +445,7 @@ _put(elementwise("div"), "div", "div_")
 _put(elementwise("addcmul"), "addcmul", "addcmul_", "addcdiv", "addcdiv_")
 _put(elementwise("lerp"), "lerp", "lerp_")
 _put(elementwise("sign_flip"), "neg", "neg_", "abs", "abs_")
-_put(elementwise("relu"), "relu", "relu_")
+_put(keeping(elementwise("relu")), "relu", "relu_")
 _put(elementwise("relu6"), "relu6", "relu6_")
 _put(elementwise("hardtanh"), "hardtanh", "hardtanh_")
 _put(elementwise("leaky_relu"), "leaky_relu", "leaky_relu_")
@@ -437,15 +508,16 @@ _put(elementwise("logaddexp"), "logaddexp")
 
 _put(reduce("sum"), "sum")
 _put(reduce("mean"), "mean")
-_put(reduce("max"), "amax", "amin", "max", "min", "argmax", "argmin")
+_put(keeping(reduce("max")), "amax", "amin", "max", "min")
+_put(reduce("max"), "argmax", "argmin")
 _put(reduce("logsumexp"), "logsumexp")
 _put(pool("avg_pool", 2), "avg_pool2d")
 _put(pool("avg_pool", 3), "avg_pool3d")
-_put(pool("max_pool", 1), "max_pool1d")
-_put(pool("max_pool", 2), "max_pool2d_with_indices", "max_pool2d")
-_put(pool("max_pool", 3), "max_pool3d_with_indices", "max_pool3d")
+_put(keeping(pool("max_pool", 1)), "max_pool1d")
+_put(keeping(pool("max_pool", 2)), "max_pool2d_with_indices", "max_pool2d")
+_put(keeping(pool("max_pool", 3)), "max_pool3d_with_indices", "max_pool3d")
 _put(adaptive("avg_pool"), "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_avg_pool1d")
-_put(adaptive("max_pool"), "adaptive_max_pool2d", "adaptive_max_pool3d", "adaptive_max_pool1d")
+_put(keeping(adaptive("max_pool")), "adaptive_max_pool2d", "adaptive_max_pool3d", "adaptive_max_pool1d")
 _put(soft("softmax"), "_softmax", "_safe_softmax")
 _put(soft("log_softmax"), "_log_softmax")
 _put(_layer_norm, "native_layer_norm")
@@ -464,6 +536,44 @@ _put(
     "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
 )
 _put(_fake_quant(4), "fake_quantize_per_channel_affine_cachemask", "fake_quantize_per_channel_affine")
+_put(_fake_quant(8), "_fused_moving_avg_obs_fq_helper", "_fused_moving_avg_obs_fq_helper_functional")
+_put(_quantize, "quantize_per_tensor", "quantize_per_channel", "quantize_per_tensor_dynamic")
+_put(_dequantize, "dequantize")
+_put(_scalar, "_local_scalar_dense", "item")
+_put(_embedding, "embedding")
+_put(_join, "cat", "stack")
+_put(
+    _keep,
+    "index",
+    "index_select",
+    "gather",
+    "_unsafe_index",
+    "constant_pad_nd",
+    "repeat",
+    "roll",
+    "flip",
+    "upsample_nearest1d",
+    "upsample_nearest2d",
+    "upsample_nearest3d",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "channel_shuffle",
+    "masked_select",
+    "diagonal",
+    "movedim",
+    "unfold",
+    "reflection_pad2d",
+    "replication_pad2d",
+)
+for _relu, _dynamic, _names in (
+    (False, True, ("linear_dynamic",)),
+    (True, True, ("linear_relu_dynamic",)),
+    (False, False, ("linear", "conv1d", "conv2d", "conv3d")),
+    (True, False, ("linear_relu", "conv1d_relu", "conv2d_relu", "conv3d_relu")),
+):
+    for _name in _names:
+        if hasattr(torch.ops.quantized, _name):
+            TABLE[getattr(torch.ops.quantized, _name)] = _packed_dot(_relu, _dynamic)
 
 _put(
     _move,
@@ -498,9 +608,6 @@ _put(_copy, "clone", "_to_copy", "lift_fresh_copy", "_reshape_copy")
 
 FREE = frozenset(
     _packets(
-        "embedding",
-        "cat",
-        "stack",
         "copy_",
         "zeros",
         "zeros_like",
@@ -521,37 +628,20 @@ FREE = frozenset(
         "zero_",
         "uniform_",
         "normal_",
-        "constant_pad_nd",
-        "index",
-        "index_select",
         "index_copy",
         "index_copy_",
         "nonzero",
-        "gather",
         "scatter",
         "index_put",
         "index_put_",
-        "repeat",
-        "roll",
-        "flip",
-        "upsample_nearest1d",
-        "upsample_nearest2d",
-        "upsample_nearest3d",
-        "_unsafe_index",
         "dropout",
         "native_dropout",
         "scalar_tensor",
-        "_local_scalar_dense",
-        "item",
-        "pixel_shuffle",
-        "pixel_unshuffle",
-        "channel_shuffle",
         "im2col",
         "col2im",
         "resize_",
         "set_",
         "detach_",
-        "masked_select",
         "tril",
         "triu",
         "bernoulli_",
@@ -574,11 +664,6 @@ FREE = frozenset(
         "_pin_memory",
         "_copy_from",
         "_copy_from_and_resize",
-        "diagonal",
-        "movedim",
-        "unfold",
-        "reflection_pad2d",
-        "replication_pad2d",
         "_to_dense",
         "record_stream",
         "_conj",

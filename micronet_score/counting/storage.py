@@ -3,8 +3,10 @@
 Rules (§1.3): nonzero values at their width, plus a bitmask of the full shape (1 bit per element) for sparse
 tensors; tied tensors count once; frozen parameters count; buffers count when the forward reads them (quantizer
 scales, running statistics); batch norm folds per the rule set (after a conv/linear: one bias per channel;
-elsewhere: a scale and a shift per channel). ``torch.nn.utils.prune`` reparametrisations store the product
-``weight_orig * weight_mask``: its nonzeros plus the mask.
+elsewhere: a scale and a shift per channel). ``torch.nn.utils.prune`` reparametrisations (and masks saved
+beside their weights as ``<name>_mask``) store the product ``weight_orig * weight_mask``: its nonzeros plus the
+mask. Tensors of a narrow integer or quantized dtype count at that width unless declared otherwise; the packed
+weights of torch.ao quantized modules count at their width, with their scales, zero points and float bias.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 from torch import nn
 
 from micronet_score.counting.bits import BitPolicy
+from micronet_score.counting.grid import DTYPE_BITS
+from micronet_score.counting.packed import Packed, packed_modules
 
 
 def storage_key(tensor: torch.Tensor) -> int:
@@ -40,11 +44,13 @@ class TensorInfo:
 
 @dataclass(slots=True)
 class Pruned:
-    """A prune reparametrisation: the forward multiplies ``orig`` by ``mask``; the product is the weight."""
+    """A masked weight: the forward multiplies ``orig`` by ``mask``; the product is the weight."""
 
     info: TensorInfo
     orig_key: int
     mask_key: int
+    source: str = "prune"
+    """"prune" (torch.nn.utils.prune: ``<name>_orig * <name>_mask``) or "mask" (``<name> * <name>_mask``)"""
 
 
 @dataclass(slots=True)
@@ -64,6 +70,7 @@ class WeightTable:
 
     by_key: dict[int, TensorInfo] = field(default_factory=dict)
     pruned: dict[tuple[int, int], Pruned] = field(default_factory=dict)
+    packed: dict[str, Packed] = field(default_factory=dict)
     meta: bool = False
 
     @classmethod
@@ -86,28 +93,28 @@ class WeightTable:
                     is_parameter=is_parameter,
                     nonzeros=0,
                 )
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(model.named_buffers(remove_duplicate=False))
         for info in table.by_key.values():
-            info.bits = policy.stored(info.names, info.is_parameter)
+            info.bits = policy.stored(info.names, info.is_parameter, native_bits(tensors[info.names[0]]))
         for path, module in model.named_modules(remove_duplicate=True):
-            for pname, orig in module.named_parameters(recurse=False):
-                if not pname.endswith("_orig"):
-                    continue
-                base = pname[: -len("_orig")]
-                mask = getattr(module, f"{base}_mask", None)
-                if not isinstance(mask, torch.Tensor):
-                    continue
+            for base, orig, mask, source in mask_pairs(module):
                 full = f"{path}.{base}" if path else base
+                names = [full, f"{full}_orig"] if source == "prune" else [full]
                 info = TensorInfo(
                     names=[full],
                     module=path,
                     numel=orig.numel(),
-                    bits=policy.stored([full, f"{full}_orig"], True),
+                    bits=policy.stored(names, True, native_bits(orig)),
                     is_parameter=True,
                     nonzeros=orig.numel(),
                 )
                 table.pruned[(storage_key(orig), storage_key(mask))] = Pruned(
-                    info, storage_key(orig), storage_key(mask)
+                    info, storage_key(orig), storage_key(mask), source
                 )
+        table.packed = packed_modules(model)
+        for packed in table.packed.values():
+            policy.check_freebie(packed.bits, f"the packed weight of module {packed.module!r}")
         table.refresh(model)
         return table
 
@@ -145,6 +152,30 @@ class WeightTable:
 
     def pruned_keys(self) -> set[int]:
         return {k for p in self.pruned.values() for k in (p.orig_key, p.mask_key)}
+
+
+def native_bits(tensor: torch.Tensor) -> int | None:
+    """Width a tensor's integer or quantized dtype gives its values (None for float and wide integer dtypes)."""
+    if tensor.is_floating_point():
+        return None
+    return DTYPE_BITS.get(tensor.dtype)
+
+
+def mask_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, str]]:
+    """Masks beside a module's own tensors: (name, tensor, mask, source) for ``<name>_orig`` + ``<name>_mask``
+    (torch.nn.utils.prune) and ``<name>`` + ``<name>_mask`` (a mask saved beside its weight)."""
+    own = dict(module.named_parameters(recurse=False))
+    own.update(module.named_buffers(recurse=False))
+    pairs = []
+    for name, mask in own.items():
+        if not name.endswith("_mask") or not isinstance(mask, torch.Tensor):
+            continue
+        base = name[: -len("_mask")]
+        if f"{base}_orig" in own:
+            pairs.append((base, own[f"{base}_orig"], mask, "prune"))
+        elif base in own and own[base].shape == mask.shape:
+            pairs.append((base, own[base], mask, "mask"))
+    return pairs
 
 
 def count_nonzero(tensor: torch.Tensor) -> tuple[int, bool]:
@@ -195,4 +226,14 @@ def account(table: WeightTable, norms: list[FoldedNorm], dropped: set[int], poli
         add(info.module, info.numel, info.nonzeros, info.bits)
     for pruned in table.pruned.values():
         add(pruned.info.module, pruned.info.numel, pruned.info.nonzeros, pruned.info.bits)
+    for packed in table.packed.values():
+        add(packed.module, packed.numel, packed.nonzeros, packed.bits)
+        add(packed.module, packed.scales, packed.scales, rules.default_bits)  # weight scales
+        add(packed.module, packed.scales, packed.scales, packed.bits)  # and their zero points
+        if packed.static:  # output scale and zero point (the requantization of the output)
+            add(packed.module, 1, 1, rules.default_bits)
+            add(packed.module, 1, 1, packed.bits)
+        if packed.bias is not None:
+            nonzeros, _ = count_nonzero(packed.bias)
+            add(packed.module, packed.bias.numel(), nonzeros, policy.stored([f"{packed.module}.bias"], True))
     return rows
