@@ -323,6 +323,8 @@ def _width_violations(entry: TensorAudit) -> list[Violation]:
     measured = entry.bits
     if measured is not None and measured <= declared:
         return []
+    if measured is None and declared >= entry.storage_bits:
+        return []  # declared at (or above) the width the values are stored at: nothing to prove
     what = f"{entry.name}: {entry.dtype} values declared as {declared} bits: {entry.distinct:,} distinct values"
     if measured is None:
         need = f"lie on no uniform grid (they need {entry.storage_bits} bits)"

@@ -17,6 +17,7 @@ from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import resolve_device
 from micronet_score.render import (
     console,
+    render_audit,
     error_console,
     render_breakdown,
     render_comparison,
@@ -151,6 +152,22 @@ def _measure(loaded, options: CountOptions, data: Path | None, split: str, limit
     return measure_images(loaded, options, data, labels=labels, device=device, progress=bool(progress))
 
 
+def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> Report:
+    """With --bits or --act-bits, audit the declaration: violations become warnings (an error with --strict)."""
+    if options.bits is None and options.act_bits is None:
+        return report
+    from micronet_score.audit import audit
+
+    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
+    weight_bits = loaded.model.declared_weight_bits(options.bits) if declares and options.bits else None
+    result = audit(loaded.model, bits=options.bits, weight_bits=weight_bits, act_bits=options.act_bits,
+                   rules=options.rules)
+    if options.strict:
+        result.raise_if_violations()
+    warnings = [f"audit: {v.message}" for v in result.violations]
+    return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report
+
+
 def _progress(as_json: bool) -> bool | None:
     return False if as_json else None
 
@@ -199,7 +216,7 @@ def eval_command(
     if data is None:
         raise MicronetError("eval needs the test data (--data); `micronet-score count` counts without data")
     report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(as_json))
-    _emit(report, as_json, f"{loaded.name}: {checkpoint}")
+    _emit(_declared_widths_checked(loaded, options, report), as_json, f"{loaded.name}: {checkpoint}")
 
 
 @app.command("count")
@@ -231,7 +248,7 @@ def count_command(
     options = _options(rules, track, bits, act_bits, freebie, strict)
     loaded = _load(checkpoint, model, config, device, trust_pickle)
     report = measure_example(loaded, options, device=resolve_device(device))
-    _emit(report, as_json, f"{loaded.name}: {checkpoint}")
+    _emit(_declared_widths_checked(loaded, options, report), as_json, f"{loaded.name}: {checkpoint}")
 
 
 class By(str, Enum):
@@ -331,6 +348,52 @@ def compare_command(
                                      for name, r in reports.items()}, indent=2) + "\n")
     else:
         render_comparison(reports, console())
+
+
+@app.command("audit")
+def audit_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    bits: Bits = None,
+    act_bits: ActBits = None,
+    block: Annotated[Optional[str], typer.Option("--block", help="Declared block sparsity, ROWSxCOLS (e.g. 4x4).")] = None,
+    rules: Rules = DEFAULT_RULES,
+    config: Config = None,
+    model: ModelName = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 2 when a declared width does not hold.")] = False,
+    trust_pickle: TrustPickle = False,
+    as_json: AsJson = False,
+) -> None:
+    """Per tensor: declared versus measured bit-width and sparsity, and every violation of the declaration.
+
+    Widths are measured from the values (levels on a uniform symmetric or affine grid, per tensor and per row);
+    sparsity from zeros, pruning masks and masks saved beside weights; activation widths from fake-quantizers.
+
+    Examples:
+
+      micronet-score audit model.pt --bits 8
+
+      micronet-score audit model-1.pth --config config.yaml --bits 9 --json
+    """
+    from micronet_score.audit import audit
+
+    block_shape = None
+    if block:
+        try:
+            rows, cols = (int(v) for v in block.lower().split("x"))
+        except ValueError:
+            raise MicronetError(f"--block takes ROWSxCOLS such as 4x4, got {block!r}") from None
+        block_shape = (rows, cols)
+    loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
+    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
+    weight_bits = loaded.model.declared_weight_bits(bits) if declares and bits else None
+    result = audit(loaded.model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=load_rules(rules),
+                   block_shape=block_shape)
+    if as_json:
+        sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+    else:
+        render_audit(result, console())
+    if strict:
+        result.raise_if_violations()
 
 
 @app.command("models")

@@ -305,3 +305,10 @@ def test_widths_flow_through_the_graph():
     # without the flow (every activation at the 8-bit fallback) fc would cost 64 * 8 / 32 + 60
     declared_only = 64 * 8 / 32 + 60 + 16 * 8 / 32 + 14
     assert declared_only - dot.flops == 64 * (8 - 4) / 32
+
+
+def test_fp32_values_declared_at_32_bits_hold():
+    # A tensor declared at its storage width needs no grid: 32-bit floats declared as 32 bits hold.
+    net = nn.Linear(16, 4)
+    result = audit(net, bits=32)
+    assert result.violations == []

@@ -196,3 +196,21 @@ def test_empty_checkpoint_file(cli, tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     code, _, err = cli("count", str(tmp_path / "empty.pt"))
     assert code == 2 and "empty file" in err
+
+
+def test_audit_command_on_the_demo(cli):
+    code, out, _ = cli("audit", str(CKPT), "--config", str(CONFIG), "--bits", "9")
+    assert code == 0 and "the declared widths hold" in out
+    data = _json(cli, "audit", str(CKPT), "--config", str(CONFIG), "--bits", "8", "--json")
+    assert data["violations"] and all("9 bits" in v["message"] for v in data["violations"])
+    code, _, err = cli("audit", str(CKPT), "--config", str(CONFIG), "--bits", "8", "--strict")
+    assert code == 2 and "do not hold" in err
+
+
+def test_count_with_declared_bits_runs_the_audit(cli, tmp_path):
+    path = str(_small_wrn(tmp_path))
+    report = _json(cli, "count", path, "--bits", "8", "--json")
+    assert any(w.startswith("audit:") and "declared as 8 bits" in w for w in report["warnings"])
+    code, _, err = cli("count", path, "--bits", "8", "--strict")
+    assert code == 2 and "declared as 8 bits" in err
+    assert not any(w.startswith("audit:") for w in _json(cli, "count", path, "--json")["warnings"])
