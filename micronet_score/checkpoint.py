@@ -117,7 +117,8 @@ def _tensors(sd: Mapping[str, Any], source: str) -> dict[str, Tensor]:
 
 
 def _all_tensors(value: Any) -> bool:
-    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, Tensor) for v in value.values())
+    """A mapping of tensors; it may be empty (awd-lstm's criterion without splits has no parameters)."""
+    return isinstance(value, Mapping) and all(isinstance(v, Tensor) for v in value.values())
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
@@ -241,8 +242,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(obj["model"], dict(obj["config"]), _tensors(obj["state_dict"], str(path)), dict(obj.get("meta") or {}))
 
 
-def recognise(state_dict: Mapping[str, Tensor]) -> str:
-    """The one bundled architecture whose shape inference accepts this state dict."""
+def _settings(spec, stated: Mapping[str, Any]) -> dict[str, Any]:
+    """The stated settings that the architecture's loader takes (those its shapes do not determine)."""
+    return {key: stated[key] for key in spec.load_settings if key in stated}
+
+
+def recognise(state_dict: Mapping[str, Tensor], stated: Mapping[str, Any] | None = None) -> str:
+    """The one bundled architecture whose shape inference accepts this state dict (given the stated settings)."""
     from micronet_score.models import registry
 
     accepted = []
@@ -251,7 +257,7 @@ def recognise(state_dict: Mapping[str, Tensor]) -> str:
         if spec.config_from_state_dict is None:
             continue
         try:
-            spec.config_from_state_dict(state_dict)
+            spec.config_from_state_dict(state_dict, **_settings(spec, stated or {}))
         except Exception:  # noqa: BLE001 - an architecture that does not recognise the keys
             continue
         accepted.append(name)
@@ -293,16 +299,22 @@ def load_model(
         name, state_dict, meta, stated = model or ckpt.model, ckpt.state_dict, ckpt.meta, {**ckpt.config, **file_config}
     else:
         state_dict, meta = split_state_dict(obj, source)
-        name, stated = model or recognise(state_dict), file_config
+        name, stated = model or recognise(state_dict, {**file_config, **(overrides or {})}), file_config
     spec = registry.get(name)
-    if spec.load is not None:
-        net = spec.load(state_dict)
-        cfg = dict(spec.config_from_state_dict(state_dict)) if spec.config_from_state_dict else {}
-    else:
-        inferred = spec.config_from_state_dict(state_dict) if spec.config_from_state_dict else {}
-        cfg = resolve_config(spec.default_config, inferred, stated, overrides, source)
-        net = spec.build(cfg)
-        load_weights(net, state_dict, source)
+    try:
+        if spec.load is not None:
+            settings = _settings(spec, {**stated, **(overrides or {})})
+            net = spec.load(state_dict, **settings)
+            cfg = dict(spec.config_from_state_dict(state_dict, **settings)) if spec.config_from_state_dict else {}
+        else:
+            inferred = spec.config_from_state_dict(state_dict) if spec.config_from_state_dict else {}
+            cfg = resolve_config(spec.default_config, inferred, stated, overrides, source)
+            net = spec.build(cfg)
+            load_weights(net, state_dict, source)
+    except MicronetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a state dict the architecture's code cannot take
+        raise MicronetError(f"{source}: does not load as {spec.name} ({_first_line(exc)})") from None
     net.to(device).eval()
     return LoadedModel(spec.name, net, cfg, {"source": source, **meta})
 

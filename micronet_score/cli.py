@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from micronet_score import __version__, breakdown
@@ -27,15 +28,21 @@ from micronet_score.render import (
 )
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES, bundled_rule_names, load_rules
-from micronet_score.scoring import CountOptions, measure_example, measure_images, measure_lm, track_of
+from micronet_score.scoring import CountOptions, Interrupted, measure_example, measure_images, measure_lm, track_of
 
 
 class _Group(TyperGroup):
-    """Turns a MicronetError into one clear line on stderr and exit code 2 (a traceback only with --debug)."""
+    """Turns a MicronetError into one clear line on stderr and exit code 2 (a traceback only with --debug); Ctrl-C
+    into one line starting "interrupted", with the progress so far where a measurement had made some, and exit
+    code 130."""
 
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            text = str(exc) if isinstance(exc, Interrupted) else "interrupted"
+            error_console().print(f"[bold red]{escape(text)}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         except MicronetError as exc:
             if ctx.params.get("debug"):
                 traceback.print_exc()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 from rich.table import Table
 
@@ -106,10 +108,12 @@ def render_report(report, title: str, out: Console) -> None:
     if report.quality is not None:
         q = report.quality
         verdict = "[green]qualifies[/]" if q.qualifies else "[red]does not qualify[/]"
-        table.add_row(q.metric, f"{q.value:,.6g}")
+        table.add_row(q.metric, f"{q.value:,.6g}" if math.isfinite(q.value) else f"[red]{q.value} (not finite)[/]")
         table.add_row(f"threshold ({q.threshold:g})", verdict)
     if report.conversions:
         table.add_row("format conversions (free)", f"{report.conversions:,}")
+    if any("NaN or Inf" in warning for warning in report.warnings):
+        table.add_row("weights", "[red]NaN or Inf values (see the warnings)[/]")
     out.print(table)
     if report.uncounted:
         unc = Table(title="Ops without a price in the rule set (not counted)", title_justify="left")

@@ -53,6 +53,10 @@ class UncountedOp(BaseModel):
 
 
 class Quality(BaseModel):
+    # a perplexity can be infinite or NaN (a target with probability zero, NaN weights): JSON gets the constants
+    # Infinity / NaN that Python's json module reads and writes, not a null that would hide it
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
     metric: str
     value: float
     threshold: float

@@ -7,8 +7,12 @@ architecture's example input otherwise.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,20 @@ class CountOptions:
     strict: bool = False
 
 
+class Interrupted(MicronetError):
+    """A measurement stopped by the user (Ctrl-C). ``samples`` are the samples/tokens measured before it stopped
+    (whole batches or chunks only); ``report`` is what they cost (None when nothing was measured)."""
+
+    def __init__(self, samples: float, total: float | None, per: str, report: Report | None):
+        self.samples, self.total, self.per, self.report = samples, total, per, report
+        of = f" of {total:,.0f}" if total is not None else ""
+        text = f"interrupted after {samples:,.0f}{of} {per}s evaluated"
+        if report is not None:
+            text += (f" (so far: {report.flops:.6g} operations per {per}, storage {report.params:.6g}"
+                     + (f", score {report.score:.6g}" if report.score is not None else "") + ")")
+        super().__init__(text + "; no result")
+
+
 def track_of(loaded: LoadedModel, options: CountOptions) -> str | None:
     """The track asked for, else the bundled architecture's own."""
     if options.track:
@@ -57,6 +75,59 @@ def make_counter(loaded: LoadedModel, options: CountOptions) -> Counter:
     )
 
 
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the model's parameters and buffers holding NaN or Inf (meta tensors have no values)."""
+    names = []
+    for name, tensor in chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_meta or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        with torch.no_grad():
+            if not bool(torch.isfinite(tensor).all()):
+                names.append(name)
+    return names
+
+
+def _finish(report: Report, model: nn.Module, warnings: list[str] | None = None,
+            quality: Quality | None = None) -> Report:
+    """The report with its quality and warnings, non-finite weights named."""
+    warnings = list(report.warnings if warnings is None else warnings)
+    bad = nonfinite_tensors(model)
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        warnings.append(f"{len(bad)} weight tensor(s) hold NaN or Inf values: {shown}; they are counted as "
+                        "stored, but the model's outputs are not meaningful")
+    update: dict[str, Any] = {"warnings": warnings}
+    if quality is not None:
+        update["quality"] = quality
+    return report.model_copy(update=update)
+
+
+@contextmanager
+def _measuring(loaded: LoadedModel, counter: Counter, total: float | None = None) -> Iterator[None]:
+    """Run the model in evaluation mode and give every module its training flag back afterwards; a failing
+    forward becomes one clear error, Ctrl-C an :class:`Interrupted` with what was measured so far."""
+    model = loaded.model
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # a torch.export program: its mode was fixed when it was exported
+    try:
+        yield
+    except KeyboardInterrupt:
+        report = counter.report() if counter.samples > 0 else None
+        raise Interrupted(counter.samples, total, counter.per, report) from None
+    except MicronetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the model's own code raises
+        text = str(exc).strip().splitlines()
+        raise MicronetError(f"{loaded.name}: the model's forward failed ({type(exc).__name__}"
+                            + (f": {text[0]}" if text else "") + ")") from exc
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
 def _samples(first: Any, per: str) -> int:
     if not isinstance(first, Tensor) or first.dim() == 0:
         return 1
@@ -76,14 +147,19 @@ def measure_example(loaded: LoadedModel, options: CountOptions, device: str | to
     inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs)
     counter = make_counter(loaded, options)
     loaded.model.to(device)
-    with torch.no_grad(), counter.measure(samples=_samples(inputs[0] if inputs else None, counter.per)):
-        loaded.model(*inputs)
-    return counter.report()
+    with _measuring(loaded, counter), torch.no_grad():
+        with counter.measure(samples=_samples(inputs[0] if inputs else None, counter.per)):
+            loaded.model(*inputs)
+    return _finish(counter.report(), loaded.model)
 
 
 class _LogProbStream(nn.Module):
     """A model returning full log-probabilities ``model(tokens[T, 1], state) -> (log_probs[T, 1, V], state)``
-    seen as a streaming LM (``new_stream``; ``(inputs, targets, state) -> (nll, state)``)."""
+    seen as a streaming LM (``new_stream``; ``(inputs, targets, state) -> (nll, state)``).
+
+    Only the model's own forward is counted: picking the targets' log-probabilities is a lookup (free), and the
+    sign of ``nll = -log p`` is the evaluation's, not the model's arithmetic, so it is a lazily negated view
+    (materialised by the evaluator after the counted forward)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -94,7 +170,7 @@ class _LogProbStream(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor, state: Any) -> tuple[Tensor, Any]:
         log_probs, state = self.model(inputs[:, None], state)
-        return -log_probs[:, 0].gather(1, targets[:, None])[:, 0], state
+        return torch._neg_view(log_probs[:, 0].gather(1, targets[:, None])[:, 0]), state
 
 
 def measure_lm(
@@ -123,8 +199,10 @@ def measure_lm(
     tokens = load_split(data, split, vocab)
     stream = model if callable(getattr(model, "new_stream", None)) else _LogProbStream(model)
     counter = make_counter(loaded, options)
-    result = evaluate_stream(stream, torch.as_tensor(tokens), split=split, limit_tokens=limit_tokens,
-                             device=device, counter=counter, progress=progress)
+    predictions = len(tokens) - 1 if limit_tokens is None else min(len(tokens) - 1, limit_tokens)
+    with _measuring(loaded, counter, total=predictions):
+        result = evaluate_stream(stream, torch.as_tensor(tokens), split=split, limit_tokens=limit_tokens,
+                                 device=device, counter=counter, progress=progress)
     report = counter.report()
     track = load_rules(options.rules).track(report.track) if report.track else None
     warnings = list(report.warnings)
@@ -132,11 +210,15 @@ def measure_lm(
     if not complete:
         warnings.append(f"perplexity over the first {result.predictions:,} of {len(tokens) - 1:,} predictions only: "
                         "not the official figure")
+    finite = math.isfinite(result.perplexity)
+    if not finite:
+        warnings.append(f"perplexity is not finite ({result.perplexity}): the model gives some target a "
+                        "probability of zero, or computes NaN")
     quality = Quality(
         metric="perplexity", value=result.perplexity, threshold=track.threshold if track else float("nan"),
-        qualifies=bool(track and complete and track.qualifies(result.perplexity)),
+        qualifies=bool(track and complete and finite and track.qualifies(result.perplexity)),
     )
-    return report.model_copy(update={"quality": quality, "warnings": warnings})
+    return _finish(report, model, warnings, quality)
 
 
 def measure_images(
@@ -159,12 +241,13 @@ def measure_images(
         raise MicronetError("name the track (--track cifar100 or imagenet) to judge the accuracy")
     images = load_image_folder(data, labels) if labels else load_cifar100_test(Path(data))
     counter = make_counter(loaded, options)
-    result = evaluate_top1(loaded.model, images, track, options.rules, batch_size=batch_size, progress=progress,
-                           device=str(device), counter=counter)
+    with _measuring(loaded, counter, total=len(images)):
+        result = evaluate_top1(loaded.model, images, track, options.rules, batch_size=batch_size,
+                               progress=progress, device=str(device), counter=counter)
     report = counter.report()
     warnings = list(report.warnings)
     if not result.complete:
         warnings.append(f"{result.total:,} images evaluated, not the track's whole test set: not the official figure")
     quality = Quality(metric=f"top1_correct of {result.total}", value=result.correct, threshold=result.threshold,
                       qualifies=result.qualifies and result.complete)
-    return report.model_copy(update={"quality": quality, "warnings": warnings})
+    return _finish(report, loaded.model, warnings, quality)

@@ -126,12 +126,14 @@ class QRNNLayer(nn.Module):
 
 
 class SplitSoftmax(nn.Module):
-    """The tombstone parameters of awd-lstm's SplitCrossEntropyLoss (its keys: tail_vectors, tail_bias)."""
+    """The tombstone parameters of awd-lstm's SplitCrossEntropyLoss (its keys: tail_vectors, tail_bias); like
+    awd-lstm's, it has none without splits (an empty criterion state dict)."""
 
     def __init__(self, emsize: int, clusters: int):
         super().__init__()
-        self.tail_vectors = nn.Parameter(torch.empty(clusters, emsize))
-        self.tail_bias = nn.Parameter(torch.empty(clusters))
+        if clusters:
+            self.tail_vectors = nn.Parameter(torch.empty(clusters, emsize))
+            self.tail_bias = nn.Parameter(torch.empty(clusters))
 
 
 class QRNNLanguageModel(nn.Module):
@@ -327,6 +329,7 @@ register(
         config_from_state_dict=config_from_state_dict,
         example_inputs=example_inputs,
         load=load_qrnn,
+        load_settings=("splits",),
         aliases=("qrnn",),
     )
 )

@@ -34,6 +34,9 @@ class ModelSpec:
     load: Callable[[Mapping[str, Any]], Any] | None = None
     """Build and load the model from its authors' state dict, where their key format is not the model's own
     (``build`` + ``load_state_dict`` otherwise)."""
+    load_settings: tuple[str, ...] = ()
+    """Settings that the shapes do not determine, passed from the config file to ``load`` and
+    ``config_from_state_dict`` as keyword arguments (e.g. the QRNN's ``splits``)."""
     aliases: tuple[str, ...] = ()
 
 

@@ -165,3 +165,55 @@ def test_damaged_corpora(tmp_path_factory, demo_model, files):
         assert str(exc)
         return
     assert report.quality is not None and report.samples > 0
+
+
+_WRN_STATE = torch.load(io.BytesIO(BASES["micronet-score"]), weights_only=True)["state_dict"]
+_FLOAT_KEYS = sorted(k for k, v in _WRN_STATE.items() if v.is_floating_point())
+
+
+@st.composite
+def damaged_state_dicts(draw) -> tuple[dict, str, str]:
+    """A loadable file whose state dict is wrong: a key deleted, added or reshaped (same size or not), a tensor
+    retyped, or values made NaN/Inf. Returns (state dict, kind, key)."""
+    state = dict(_WRN_STATE)
+    kind = draw(st.sampled_from(["delete", "add", "reshape", "resize", "retype", "nonfinite"]))
+    key = draw(st.sampled_from(sorted(state) if kind != "nonfinite" else _FLOAT_KEYS))
+    value = state[key]
+    if kind == "delete":
+        del state[key]
+    elif kind == "add":
+        key = key + draw(st.sampled_from([".extra", "_copy", "0"]))
+        state[key] = torch.zeros(draw(st.integers(0, 3)))
+    elif kind == "reshape":  # the same number of values, another shape
+        state[key] = value.reshape(-1) if value.dim() != 1 else value.reshape(1, -1)
+    elif kind == "resize":
+        state[key] = torch.zeros(value.numel() + draw(st.integers(1, 5)))
+    elif kind == "retype":
+        state[key] = value.to(draw(st.sampled_from([torch.float64, torch.float16, torch.int64, torch.bool])))
+    else:
+        value = value.clone()
+        flat = value.view(-1)
+        flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+        state[key] = value
+    return state, kind, key
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=damaged_state_dicts())
+def test_damaged_state_dicts(tmp_path_factory, case):
+    """Keys that do not fit are named in one line; values that fit (retyped, non-finite) are counted, and NaN or
+    Inf values are named in the report's warnings."""
+    state, kind, key = case
+    path = save_checkpoint(tmp_path_factory.mktemp("sd") / "model.pt", "wrn-28-10",
+                           {"depth": 10, "widen": 1, "num_classes": 10}, state)
+    try:
+        report = measure_example(load_model(path), CountOptions())
+    except MicronetError as exc:
+        message = str(exc)
+        assert kind in ("delete", "add", "reshape", "resize") and key in message and "\n" not in message
+        return
+    assert kind in ("retype", "nonfinite", "reshape")  # a [1] tensor fits a 0-d one
+    assert report.params > 0 and report.samples == 1
+    nonfinite = [w for w in report.warnings if "NaN or Inf" in w]
+    assert (kind == "nonfinite") == bool(nonfinite) and (not nonfinite or key in nonfinite[0])
