@@ -433,11 +433,12 @@ class AdaptiveSoftmax(nn.Module):
         block by block of rows, into buffers that are re-used from block to block."""
         sizes = [b - a for a, b in zip(self.edges, self.edges[1:])]
         rows = max(1, min(len(h), self.block_elements // max(sizes)))
-        buffers = [(h.new_empty(rows, size), h.new_empty(rows, size)) for size in sizes[1:]]
+        reuse = not torch.is_grad_enabled()  # out= buffers only where no gradient is recorded
+        buffers = [(h.new_empty(rows, size), h.new_empty(rows, size)) for size in sizes[1:]] if reuse else None
         parts = []
         for i in range(0, len(h), rows):
             block = h[i : i + rows]
-            use = buffers if len(block) == rows else None
+            use = buffers if buffers is not None and len(block) == rows else None
             parts.append(self._log_prob_block(block, targets[i : i + rows], use))
         return torch.cat(parts)
 
@@ -607,7 +608,12 @@ def example_tokens(cfg: MitLMConfig, n: int = 1000, seed: int = 0) -> Tensor:
     return tokens[torch.randperm(n, generator=gen)]
 
 
-def example_inputs(model: MitLM, n: int = 1000) -> tuple[Tensor, Tensor]:
+EXAMPLE_TOKENS = 10_000
+"""Predictions of the example input: enough that every bin's share is within 0.1% of the test split's (1,445 and
+483 tokens of bins 1 and 2 for 0.14448 and 0.04829), so a count gives the embedding projections' average cost."""
+
+
+def example_inputs(model: MitLM, n: int = EXAMPLE_TOKENS) -> tuple[Tensor, Tensor]:
     """(inputs, targets) of n predictions for counting without data; the inputs follow the test-set bin mix."""
     device = model.layers[0].pos_emb.device
     inputs = example_tokens(model.config, n, seed=0).to(device)
