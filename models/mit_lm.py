@@ -148,6 +148,54 @@ def _quantizer(cfg: MitLMConfig) -> nn.Module:
     return ActivationQuantizer(cfg.bits) if cfg.quantized else nn.Identity()
 
 
+class Stored(nn.Module):
+    """Concatenations and gathers of already-quantized values (the k/v memory, the cache keys, window rows).
+
+    ``forward(fn, *args)`` returns ``fn(*args)``, which must only move data. In the quantized model it declares
+    ``output_bits``: a copy of b-bit values holds b-bit values, which an operation counter cannot see through a
+    concatenation. Parameterless: the state dict is unchanged.
+    """
+
+    def __init__(self, cfg: MitLMConfig):
+        super().__init__()
+        if cfg.quantized:
+            self.output_bits = int(cfg.bits)
+
+    def forward(self, fn: Any, *args: Any) -> Tensor:
+        return fn(*args)
+
+
+class PositionScores(nn.Module):
+    """q_h · r_t for every head h, query and window column t: ``(H, L, n_k) @ (n_k, C)``, per head."""
+
+    def forward(self, q: Tensor, pos_emb: Tensor) -> Tensor:
+        return q @ pos_emb
+
+
+class WindowScores(nn.Module):
+    """s = (q_h · k_{p−96+t} + q_h · r_t) · n_k^−½ over the band (plus −inf on masked zero memory)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, window: SlidingWindow, g: Any, q: Tensor, keys: Tensor, position: Tensor,
+                mask: Tensor | None) -> Tensor:
+        columns = window.offsets(g, q.device)
+        pos = window.queries(position, g)
+        logits = window.scores(q, keys, g) + pos.gather(-1, columns.expand(pos.shape))
+        if mask is not None:
+            logits = logits + window.arrange(mask, g)
+        return logits * self.scale
+
+
+class WindowSum(nn.Module):
+    """Σ_t α_t v_{p−96+t}: the attention-weighted values of the band."""
+
+    def forward(self, window: SlidingWindow, g: Any, probs: Tensor, values: Tensor) -> Tensor:
+        return window.weighted_sum(probs, values, g)
+
+
 # ---------------------------------------------------------------------------------------------- embedding
 
 
@@ -166,16 +214,29 @@ class AdaptiveEmbedding(nn.Module):
         self.projections = nn.ModuleList(nn.Linear(d, cfg.n_embed, bias=False) for d in cfg.n_embeds[1:])
 
     def forward(self, tokens: Tensor) -> Tensor:
-        out = tokens.new_zeros((tokens.shape[0], self.n_embed), dtype=self.layers[0].weight.dtype)
+        n = tokens.shape[0]
+        out = tokens.new_zeros((n, self.n_embed), dtype=self.layers[0].weight.dtype)
+        positions = torch.arange(n, device=tokens.device)
+        last = len(self.layers) - 1
         for i, table in enumerate(self.layers):
             lo, hi = self.edges[i], self.edges[i + 1]
-            where = ((tokens >= lo) & (tokens < hi)).nonzero().squeeze(1)
+            # the bin test: 1 comparison for the first and last bins, 2 and a logical and for the others
+            if len(self.layers) == 1:
+                ids, where = tokens, positions
+            else:
+                if i == 0:
+                    in_bin = tokens < hi
+                elif i == last:
+                    in_bin = tokens >= lo
+                else:
+                    in_bin = torch.logical_and(tokens >= lo, tokens < hi)
+                ids, where = torch.masked_select(tokens, in_bin), torch.masked_select(positions, in_bin)
             if where.numel() == 0:
                 continue
-            e = table(tokens[where] - lo)
+            e = table(ids - lo if lo else ids)
             if i > 0:
                 e = self.projections[i - 1](e)
-            out = out.index_copy(0, where, e)
+            out.index_put_((where,), e)
         return out * math.sqrt(self.n_embed)
 
 
@@ -218,6 +279,12 @@ class DecoderLayer(nn.Module):
             _quantizer(cfg),
             nn.Identity(),
         )
+        # Parameterless pieces of the attention (no state-dict keys): each term is its own row in a count.
+        self.position = PositionScores()
+        self.scores = WindowScores(cfg.n_k**-0.5)
+        self.softmax = nn.Softmax(dim=-1)
+        self.weighted = WindowSum()
+        self.stored = Stored(cfg)
         self.attention_block = 16
         self.attention_queries = 1024
 
@@ -241,23 +308,18 @@ class DecoderLayer(nn.Module):
         n = a.shape[0]
         z = self.quant_qkv(self.qkv(a)).view(n, c.n_head, 2 * c.n_k + c.n_v)  # per head [q | k | v]
         q = z[..., : c.n_k]
-        kv = torch.cat([memory.kv, z[..., c.n_k :]], dim=0)  # (n_seq + L, H, n_k + n_v)
+        kv = self.stored(torch.cat, [memory.kv, z[..., c.n_k :]], 0)  # (n_seq + L, H, n_k + n_v)
         keys = kv[..., : c.n_k].transpose(0, 1)  # (H, n_seq + L, n_k)
         values = kv[..., c.n_k :].transpose(0, 1)
         qh = q.transpose(0, 1)  # (H, L, n_k)
-        position = qh @ self.pos_emb  # q_h · r_t for every head: (H, L, C)
+        position = self.position(qh, self.pos_emb)  # q_h · r_t for every head: (H, L, C)
         mask = self._memory_mask(memory, n, a.device)
-        window = SlidingWindow(n, c.window, self.attention_block, self.attention_queries)
-        scale = c.n_k**-0.5
+        window = SlidingWindow(n, c.window, self.attention_block, self.attention_queries, keep=self.stored)
         heads = []
         for g in window.groups:
-            columns = window.offsets(g, a.device)
-            pos = window.queries(position, g)
-            logits = window.scores(qh, keys, g) + pos.gather(-1, columns.expand(pos.shape))
-            if mask is not None:
-                logits = logits + window.arrange(mask, g)
-            probs = self.quant_attn(torch.softmax(logits * scale, dim=-1))
-            heads.append(window.weighted_sum(probs, values, g))
+            logits = self.scores(window, g, qh, keys, position, mask)
+            probs = self.quant_attn(self.softmax(logits))
+            heads.append(self.weighted(window, g, probs, values))
         out = torch.cat(heads, dim=-2).transpose(0, 1).reshape(n, c.n_head * c.n_v)
         new_memory = LayerMemory(kv[-c.n_seq :].detach(), min(c.n_seq, memory.filled + n))
         return out, new_memory
@@ -277,14 +339,69 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class Cache:
-    """The last n_cache final states and the tokens they predicted; value −1 marks an empty slot."""
+    """The last n_cache final states and the tokens they predicted; value −1 marks an empty slot.
+
+    ``filled`` counts the slots that hold real states (the others are the empty slots of a fresh split).
+    """
 
     keys: Tensor
     values: Tensor
+    filled: int = 0
+
+
+class BlockLinear(nn.Linear):
+    """``nn.Linear`` that can write into a given buffer (the large output tables of the head, block by block)."""
+
+    def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        if out is None or self.bias is None:
+            return super().forward(x)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
+
+
+class NeuralCache(nn.Module):
+    """log(λ p_cache(y) + (1 − λ) p_model(y)) with p_cache(y) = Σ_{j: y_j = y} softmax_j(θ h·h_j) over the
+    n_cache previous final states (the authors' cache, written with priced operations).
+
+    Per token: n_cache dot products, θ per score, a softmax over all n_cache slots, the value match (one
+    comparison and one select per slot) and the sum of the matched probabilities, then the λ-mixture in the log
+    domain. Empty slots of a fresh split are computed too and masked (score −1e8·θ) in the blocks that have them.
+    """
+
+    def __init__(self, cfg: MitLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.stored = Stored(cfg)
+        self.softmax = nn.Softmax(dim=-1)
+        self.block = 64
+        self.max_queries = 512
+
+    def forward(
+        self, h: Tensor, targets: Tensor, log_p: Tensor, cache: Cache, theta: float, lam: float
+    ) -> tuple[Tensor, Cache]:
+        n, w = h.shape[0], self.cfg.n_cache
+        keys = self.stored(torch.cat, [cache.keys, h], 0)
+        values = torch.cat([cache.values, targets], dim=0)
+        window = SlidingWindow(n, w, self.block, self.max_queries, keep=self.stored)
+        empty = w - cache.filled  # key rows [0, empty) are empty slots
+        parts = []
+        for g in window.groups:
+            scores = window.scores(h, keys, g) * theta
+            slot_values = window.arrange(values, g)
+            if g.start < empty:
+                scores = scores.masked_fill(slot_values < 0, CACHE_PAD_SCORE * theta)
+            probs = self.softmax(scores)
+            hit = slot_values == window.queries(targets.unsqueeze(1), g)
+            parts.append(torch.where(hit, probs, 0.0).sum(-1).flatten())
+        log_cache = torch.log(torch.cat(parts))  # −inf where the target is not in the window
+        a = log_cache + math.log(lam)
+        b = log_p + math.log1p(-lam)
+        high, low = torch.maximum(a, b), torch.minimum(a, b)
+        mixed = high + torch.log1p(torch.exp(low - high))  # logaddexp(a, b)
+        return mixed, Cache(keys[-w:].detach(), values[-w:], min(w, cache.filled + n))
 
 
 class AdaptiveSoftmax(nn.Module):
-    """The adaptive softmax head (cluster rows in reverse bin order) and the neural cache mixture."""
+    """The adaptive softmax head (cluster rows in reverse bin order) and the neural cache mixture (``cache``)."""
 
     def __init__(self, cfg: MitLMConfig):
         super().__init__()
@@ -296,9 +413,12 @@ class AdaptiveSoftmax(nn.Module):
         self.edges = edges
         if cfg.cutoffs:
             self.clusters = nn.Linear(cfg.n_embed, len(cfg.cutoffs))
-        self.layers = nn.ModuleList(nn.Linear(d, edges[i + 1] - edges[i]) for i, d in enumerate(cfg.n_embeds))
+        self.layers = nn.ModuleList(BlockLinear(d, edges[i + 1] - edges[i]) for i, d in enumerate(cfg.n_embeds))
         self.projections = nn.ModuleList(nn.Linear(cfg.n_embed, d, bias=False) for d in cfg.n_embeds[1:])
-        self.block_elements = 1 << 22  # rows per block of the head: ~16 MB of logits
+        self.cache = NeuralCache(cfg)
+        self.block_elements = 1 << 23
+        """Logits per block of rows of the widest bin (34 rows of 242,735: 32 MB, two re-used buffers): blocks of
+        4-69 rows measured within 10% of each other on a 2-core CPU; larger blocks mean fewer ops to dispatch."""
 
     def theta_lambda(self) -> tuple[float, float]:
         """θ and λ: the configured values, else the trained scalars, else the best configuration's."""
@@ -309,12 +429,23 @@ class AdaptiveSoftmax(nn.Module):
             lam = torch.sigmoid(self.cache_lambda_inv_sigmoid).item() if self.cfg.cache_params else BEST_CACHE_LAMBDA
         return float(theta), float(lam)
 
-    def log_prob(self, h: Tensor, targets: Tensor) -> Tensor:
-        """log p_model(target) for each row of h; the full distribution over all bins is normalised per row."""
-        rows = max(1, self.block_elements // max(b - a for a, b in zip(self.edges, self.edges[1:])))
-        return torch.cat([self._log_prob_block(h[i : i + rows], targets[i : i + rows]) for i in range(0, len(h), rows)])
+    def forward(self, h: Tensor, targets: Tensor) -> Tensor:
+        """log p_model(target) for each row of h. The full distribution of every row is normalised (all bins),
+        block by block of rows, into buffers that are re-used from block to block."""
+        sizes = [b - a for a, b in zip(self.edges, self.edges[1:])]
+        rows = max(1, min(len(h), self.block_elements // max(sizes)))
+        reuse = not torch.is_grad_enabled()  # out= buffers only where no gradient is recorded
+        buffers = [(h.new_empty(rows, size), h.new_empty(rows, size)) for size in sizes[1:]] if reuse else None
+        parts = []
+        for i in range(0, len(h), rows):
+            block = h[i : i + rows]
+            use = buffers if buffers is not None and len(block) == rows else None
+            parts.append(self._log_prob_block(block, targets[i : i + rows], use))
+        return torch.cat(parts)
 
-    def _log_prob_block(self, h: Tensor, targets: Tensor) -> Tensor:
+    log_prob = forward
+
+    def _log_prob_block(self, h: Tensor, targets: Tensor, buffers: list | None) -> Tensor:
         head = self.layers[0](h)
         if self.cfg.cutoffs:
             head = torch.cat([head, self.clusters(h)], dim=-1)
@@ -323,34 +454,25 @@ class AdaptiveSoftmax(nn.Module):
         out = head_lp.gather(1, targets.clamp(lo, hi - 1).unsqueeze(1)).squeeze(1)
         for i in range(1, len(self.layers)):
             lo, hi = self.edges[i], self.edges[i + 1]
-            tail_lp = torch.log_softmax(self.layers[i](self.projections[i - 1](h)), dim=-1)
-            in_bin = (targets >= lo) & (targets < hi)
+            logits_buf, lp_buf = buffers[i - 1] if buffers is not None else (None, None)
+            logits = self.layers[i](self.projections[i - 1](h), out=logits_buf)
+            if lp_buf is None:
+                tail_lp = torch.log_softmax(logits, dim=-1)
+            else:
+                tail_lp = torch._log_softmax(logits, -1, False, out=lp_buf)
             tail = tail_lp.gather(1, (targets.clamp(lo, hi - 1) - lo).unsqueeze(1)).squeeze(1)
-            out = torch.where(in_bin, head_lp[:, -i] + tail, out)  # cluster column −i gates bin i
+            # bins in increasing order: a target of bin i ≥ 1 takes cluster column −i plus its tail log-prob
+            out = torch.where(targets >= lo, head_lp[:, -i] + tail, out)
         return out
 
     def empty_cache(self, device: torch.device | str | None = None) -> Cache:
         keys = torch.zeros(self.cfg.n_cache, self.cfg.n_embed, device=device, dtype=self.layers[0].weight.dtype)
-        return Cache(keys, torch.full((self.cfg.n_cache,), -1, dtype=torch.long, device=device))
+        return Cache(keys, torch.full((self.cfg.n_cache,), -1, dtype=torch.long, device=device), 0)
 
     def mix_cache(self, h: Tensor, targets: Tensor, log_p: Tensor, cache: Cache) -> tuple[Tensor, Cache]:
         """log(λ p_cache + (1 − λ) p_model) over the n_cache previous states (empty slots computed too)."""
         theta, lam = self.theta_lambda()
-        n, w = h.shape[0], self.cfg.n_cache
-        keys = torch.cat([cache.keys, h], dim=0)
-        values = torch.cat([cache.values, targets], dim=0)
-        window = SlidingWindow(n, w, block=64, max_queries=512)
-        parts = []
-        for g in window.groups:
-            dots = window.scores(h, keys, g)
-            slot_values = window.arrange(values, g)
-            scores = theta * dots.masked_fill(slot_values < 0, CACHE_PAD_SCORE)
-            hit = slot_values == window.queries(targets.unsqueeze(1), g)
-            matched = torch.logsumexp(scores.masked_fill(~hit, float("-inf")), dim=-1)
-            parts.append((matched - torch.logsumexp(scores, dim=-1)).flatten())
-        log_cache = torch.cat(parts)
-        mixed = torch.logaddexp(math.log(lam) + log_cache, math.log1p(-lam) + log_p)
-        return mixed, Cache(keys[-w:].detach(), values[-w:])
+        return self.cache(h, targets, log_p, cache, theta, lam)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -403,7 +525,7 @@ class MitLM(nn.Module):
                                 f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
         state = state if state is not None else self.new_stream(inputs.device)
         h, memory = self.hidden(inputs, state)
-        log_p = self.loss.log_prob(h, targets)
+        log_p = self.loss(h, targets)
         cache = state.cache
         if self.config.use_cache:
             log_p, cache = self.loss.mix_cache(h, targets, log_p, state.cache)
@@ -487,7 +609,12 @@ def example_tokens(cfg: MitLMConfig, n: int = 1000, seed: int = 0) -> Tensor:
     return tokens[torch.randperm(n, generator=gen)]
 
 
-def example_inputs(model: MitLM, n: int = 1000) -> tuple[Tensor, Tensor]:
+EXAMPLE_TOKENS = 10_000
+"""Predictions of the example input: enough that every bin's share is within 0.1% of the test split's (1,445 and
+483 tokens of bins 1 and 2 for 0.14448 and 0.04829), so a count gives the embedding projections' average cost."""
+
+
+def example_inputs(model: MitLM, n: int = EXAMPLE_TOKENS) -> tuple[Tensor, Tensor]:
     """(inputs, targets) of n predictions for counting without data; the inputs follow the test-set bin mix."""
     device = model.layers[0].pos_emb.device
     inputs = example_tokens(model.config, n, seed=0).to(device)
