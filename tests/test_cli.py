@@ -84,9 +84,13 @@ def test_breakdown_table_depth_sort_top(cli):
     assert code == 0 and "total" in out
 
 
-def test_count_demo_uses_the_test_set_bin_mix(cli):
+def test_count_demo_counts_the_example_stream(cli):
+    from micronet_score.checkpoint import load_model
+
+    loaded = load_model(CKPT, config=CONFIG)
+    tokens = registry.get("mit-lm").example_inputs(loaded.model)[0]
     report = _json(cli, "count", str(CKPT), "--config", str(CONFIG), "--json")
-    assert report["quality"] is None and report["samples"] == 1000
+    assert report["quality"] is None and report["samples"] == tokens.numel()
 
 
 def _small_wrn(tmp_path, name="wrn.pt", sparsity=0.0):

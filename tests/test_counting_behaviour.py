@@ -260,3 +260,27 @@ def test_counter_sees_weights_pruned_between_measurements():
     with counter.measure(samples=1):
         model(X)
     assert counter.report().family("dot_product").mults == pytest.approx(0.1 * WEIGHTS)
+
+
+class _ScaleQuantizer(nn.Module):
+    """A quantizer that reads its scale buffers inside the conversion region (as the MIT quantizers do)."""
+
+    output_bits = 8
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("max_abs", torch.tensor(2.0))
+        self.register_buffer("inv_scale", torch.tensor(2.0 / 127))
+
+    def forward(self, x):
+        return torch.round(torch.clamp(x, -self.max_abs, self.max_abs) / self.inv_scale) * self.inv_scale
+
+
+def test_quantizer_scales_are_stored_and_its_ops_are_conversions():
+    net = nn.Sequential(nn.Linear(4, 4, bias=False), _ScaleQuantizer())
+    report = ms.count(net, torch.randn(1, 4))
+    # 16 weights + the 2 scale values the quantizer needs for inference, all at 32 bits
+    assert report.params == 16 + 2
+    assert report.layer("1").storage == 2
+    # neg (of max_abs), clamp, div, round, mul run inside the quantizer: 5 free conversions, no ops
+    assert report.conversions == 5 and report.layer("1").flops == 0

@@ -117,6 +117,9 @@ class CountingMode(TorchDispatchMode):
         if handler is None:
             return out
         if self.converting:
+            # Inside a quantizer: a format conversion, free; the scales it reads are stored values.
+            for arg in args:
+                self.touch(arg)
             if not _is_move(handler):
                 self.tally.conversions += 1
             return out
@@ -327,8 +330,12 @@ class CountingMode(TorchDispatchMode):
         self.marks.clear()
 
 
+_DATA_MOVEMENT = frozenset({"_move", "_copy", "_keep", "_embedding", "_join", "_scalar"})
+
+
 def _is_move(handler: Handler) -> bool:
-    return getattr(handler, "__name__", "") in {"_move", "_copy"}
+    """Data movement (free and no conversion: copying b-bit values changes no format)."""
+    return getattr(handler, "__name__", "") in _DATA_MOVEMENT
 
 
 def _flat(output: Any) -> list[torch.Tensor]:

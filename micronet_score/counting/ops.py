@@ -518,8 +518,8 @@ _put(keeping(pool("max_pool", 2)), "max_pool2d_with_indices", "max_pool2d")
 _put(keeping(pool("max_pool", 3)), "max_pool3d_with_indices", "max_pool3d")
 _put(adaptive("avg_pool"), "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_avg_pool1d")
 _put(keeping(adaptive("max_pool")), "adaptive_max_pool2d", "adaptive_max_pool3d", "adaptive_max_pool1d")
-_put(soft("softmax"), "_softmax", "_safe_softmax")
-_put(soft("log_softmax"), "_log_softmax")
+_put(soft("softmax"), "_softmax", "_safe_softmax", "softmax")  # softmax: its out= overload
+_put(soft("log_softmax"), "_log_softmax", "log_softmax")  # log_softmax: its out= overload
 _put(_layer_norm, "native_layer_norm")
 _put(_group_norm, "native_group_norm")
 _put(_native_batch_norm, "native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm")
