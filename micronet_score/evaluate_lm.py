@@ -73,6 +73,15 @@ def default_chunk(model: Any) -> int:
     return 42 * int(n_seq) if n_seq else DEFAULT_CHUNK
 
 
+def whole_segments(model: Any, chunk: int) -> int:
+    """``chunk`` rounded up to whole segments of the model's ``n_seq`` (as the authors' iterator required:
+    eval_chunk % n_seq == 0). The kv memory is exact for any chunk, but the fp32 arithmetic of a segment that a
+    chunk boundary splits differs in its last bits, and a 9-bit quantizer can turn that into a level: whole
+    segments make the result the same for every chunk size."""
+    n_seq = getattr(getattr(model, "config", None), "n_seq", None)
+    return -(-chunk // int(n_seq)) * int(n_seq) if n_seq else chunk
+
+
 def evaluate_stream(
     model: StreamingLM,
     tokens: Tensor,
@@ -101,6 +110,7 @@ def evaluate_stream(
     chunk = chunk or default_chunk(model)
     if chunk < 1:
         raise MicronetError(f"chunk must be at least 1 token, got {chunk}")
+    chunk = whole_segments(model, chunk)
     dev = resolve_device(device)
     model.to(dev)
     model.eval()
