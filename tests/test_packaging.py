@@ -39,3 +39,15 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if line.startswith("python3 -m venv"))
     assert command in readme
+
+
+def test_every_source_module_is_in_the_wheel(wheel_names):
+    """A wheel that misses a subpackage installs a tool that cannot import itself."""
+    expected = {f"micronet_score/{p.relative_to(ROOT / 'micronet_score').as_posix()}"
+                for p in (ROOT / "micronet_score").rglob("*.py")}
+    expected |= {f"micronet_score/models/{p.relative_to(ROOT / 'models').as_posix()}"
+                 for p in (ROOT / "models").rglob("*.py")}
+    assert expected <= set(wheel_names)
+    demo = {f"micronet_score/models/{p.relative_to(ROOT / 'models').as_posix()}"
+            for p in (ROOT / "models" / "demo").rglob("*") if p.is_file() and ".micronet-cache" not in p.parts}
+    assert demo <= set(wheel_names)
