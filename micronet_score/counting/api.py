@@ -13,7 +13,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.costs import Prices
 from micronet_score.counting.interpreter import CountingMode, Tally
-from micronet_score.counting.storage import FoldedNorm, WeightTable, account
+from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account
 from micronet_score.errors import MicronetError
 from micronet_score.report import LayerRow, OpTotal, Report, UncountedOp
 from micronet_score.ruleset import RuleSet, load_rules
@@ -36,36 +36,38 @@ class Counter:
         if not isinstance(model, nn.Module):
             raise MicronetError(f"can only count a torch.nn.Module (got {type(model).__name__})")
         self.model = model
-        self.rules = load_rules(rules)
+        self.rules = _load_rules(rules)
         self.track = self.rules.track_name(track) if track else None
         self.per = self.rules.tracks[self.track].per if self.track else "sample"
         self.policy = BitPolicy(self.rules, bits, act_bits, dict(weight_bits or {}), freebie)
         self.strict = strict
         self.prices = Prices(self.rules)
-        self._modules = dict(model.named_modules(remove_duplicate=True))
+        walk = Walk.of(model)
+        self._modules = walk.modules
         self._names = {id(m): path for path, m in self._modules.items()}
         self._output_bits = {
             id(m): m.output_bits
             for m in self._modules.values()
             if isinstance(getattr(m, "output_bits", None), int) and not isinstance(m.output_bits, bool)
         }
-        self._check_names()
+        self._check_names(walk)
         self._table: WeightTable | None = None
         self.reset()
 
     def _weights(self) -> WeightTable:
         """The weight table, rebuilt when the model's tensors changed, else refreshed where values changed."""
-        keys = [id(t) for t in self.model.parameters()] + [id(t) for t in self.model.buffers()]
+        walk = Walk.of(self.model)
+        keys = walk.keys()
         if self._table is None or keys != self._table_keys:
-            self._table = WeightTable.of(self.model, self.policy)
+            self._table = WeightTable.of(self.model, self.policy, walk)
             self._table_keys = keys
         else:
-            self._table.refresh(self.model)
+            self._table.refresh(self.model, walk)
         return self._table
 
-    def _check_names(self) -> None:
-        known = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
-        known |= {n for n, _ in self.model.named_buffers(remove_duplicate=False)}
+    def _check_names(self, walk: Walk) -> None:
+        known = {n for n, _ in walk.parameters}
+        known |= {n for n, _ in walk.buffers}
         known |= {n[: -len("_orig")] for n in known if n.endswith("_orig")}
         unknown = sorted(set(self.policy.weight_bits) - known)
         if unknown:
@@ -180,6 +182,19 @@ class Counter:
             conversions=tally.conversions,
             warnings=warnings,
         )
+
+
+_BUNDLED: dict[str, RuleSet] = {}
+
+
+def _load_rules(rules: str | RuleSet) -> RuleSet:
+    """A bundled rule set is parsed once per process (rule sets are frozen); files are read every time."""
+    if isinstance(rules, str) and rules in _BUNDLED:
+        return _BUNDLED[rules]
+    loaded = load_rules(rules)
+    if isinstance(rules, str) and loaded.source == f"{rules} (bundled)":
+        _BUNDLED[rules] = loaded
+    return loaded
 
 
 def _describe(uncounted: dict[tuple[str, str], list[int]]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +25,39 @@ from micronet_score.counting.packed import Packed, packed_modules
 def storage_key(tensor: torch.Tensor) -> int:
     """Identity of a tensor's storage: views and tied tensors share it (meta tensors too)."""
     return tensor.untyped_storage()._cdata
+
+
+@dataclass(slots=True)
+class Walk:
+    """One pass over a model: its modules (first path of each) and its parameters and buffers by every name
+    (``named_parameters(remove_duplicate=False)`` order), without re-walking the module tree per question."""
+
+    modules: dict[str, nn.Module]
+    parameters: list[tuple[str, torch.Tensor]]
+    buffers: list[tuple[str, torch.Tensor]]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Walk:
+        modules: dict[str, nn.Module] = {}
+        seen: set[int] = set()
+        parameters: list[tuple[str, torch.Tensor]] = []
+        buffers: list[tuple[str, torch.Tensor]] = []
+        for path, module in model.named_modules(remove_duplicate=False):
+            if id(module) not in seen:
+                seen.add(id(module))
+                modules[path] = module
+            prefix = f"{path}." if path else ""
+            for name, tensor in module._parameters.items():
+                if tensor is not None:
+                    parameters.append((prefix + name, tensor))
+            for name, tensor in module._buffers.items():
+                if tensor is not None:
+                    buffers.append((prefix + name, tensor))
+        return cls(modules, parameters, buffers)
+
+    def keys(self) -> list[int]:
+        """Identity of the model's tensors: a different list means the table must be rebuilt."""
+        return [id(t) for _, t in self.parameters] + [id(t) for _, t in self.buffers]
 
 
 @dataclass(slots=True)
@@ -74,17 +108,17 @@ class WeightTable:
     meta: bool = False
 
     @classmethod
-    def of(cls, model: nn.Module, policy: BitPolicy) -> WeightTable:
+    def of(cls, model: nn.Module, policy: BitPolicy, walk: Walk | None = None) -> WeightTable:
+        walk = walk or Walk.of(model)
         table = cls()
-        for is_parameter, items in (
-            (True, model.named_parameters(remove_duplicate=False)),
-            (False, model.named_buffers(remove_duplicate=False)),
-        ):
+        first: dict[int, torch.Tensor] = {}
+        for is_parameter, items in ((True, walk.parameters), (False, walk.buffers)):
             for name, tensor in items:
                 key = storage_key(tensor)
                 if key in table.by_key:
                     table.by_key[key].names.append(name)
                     continue
+                first[key] = tensor
                 table.by_key[key] = TensorInfo(
                     names=[name],
                     module=name.rpartition(".")[0],
@@ -93,11 +127,9 @@ class WeightTable:
                     is_parameter=is_parameter,
                     nonzeros=0,
                 )
-        tensors = dict(model.named_parameters(remove_duplicate=False))
-        tensors.update(model.named_buffers(remove_duplicate=False))
-        for info in table.by_key.values():
-            info.bits = policy.stored(info.names, info.is_parameter, native_bits(tensors[info.names[0]]))
-        for path, module in model.named_modules(remove_duplicate=True):
+        for key, info in table.by_key.items():
+            info.bits = policy.stored(info.names, info.is_parameter, native_bits(first[key]))
+        for path, module in walk.modules.items():
             for base, orig, mask, source in mask_pairs(module):
                 full = f"{path}.{base}" if path else base
                 names = [full, f"{full}_orig"] if source == "prune" else [full]
@@ -112,16 +144,17 @@ class WeightTable:
                 table.pruned[(storage_key(orig), storage_key(mask))] = Pruned(
                     info, storage_key(orig), storage_key(mask), source
                 )
-        table.packed = packed_modules(model)
+        table.packed = packed_modules(model, walk.modules)
         for packed in table.packed.values():
             policy.check_freebie(packed.bits, f"the packed weight of module {packed.module!r}")
-        table.refresh(model)
+        table.refresh(model, walk)
         return table
 
-    def refresh(self, model: nn.Module) -> None:
+    def refresh(self, model: nn.Module, walk: Walk | None = None) -> None:
         """Recount nonzeros from the current values (a training loop may have pruned since)."""
-        tensors = {storage_key(t): t for _, t in model.named_parameters(remove_duplicate=False)}
-        tensors.update({storage_key(t): t for _, t in model.named_buffers(remove_duplicate=False)})
+        walk = walk or Walk.of(model)
+        tensors = {storage_key(t): t for _, t in walk.parameters}
+        tensors.update({storage_key(t): t for _, t in walk.buffers})
         self.meta = False
         for key, info in self.by_key.items():
             tensor = tensors.get(key)
@@ -164,8 +197,8 @@ def native_bits(tensor: torch.Tensor) -> int | None:
 def mask_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, str]]:
     """Masks beside a module's own tensors: (name, tensor, mask, source) for ``<name>_orig`` + ``<name>_mask``
     (torch.nn.utils.prune) and ``<name>`` + ``<name>_mask`` (a mask saved beside its weight)."""
-    own = dict(module.named_parameters(recurse=False))
-    own.update(module.named_buffers(recurse=False))
+    own = {name: t for name, t in module._parameters.items() if t is not None}
+    own.update((name, t) for name, t in module._buffers.items() if t is not None)
     pairs = []
     for name, mask in own.items():
         if not name.endswith("_mask") or not isinstance(mask, torch.Tensor):
@@ -178,12 +211,43 @@ def mask_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor,
     return pairs
 
 
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+"""Float dtypes counted through their bits: x != 0 exactly when (bits << 1) != 0 (the sign of -0.0 shifted out)."""
+
+_CHUNK = 1 << 16
+"""Elements per pass of the shift-and-count (a buffer that stays in cache)."""
+
+
 def count_nonzero(tensor: torch.Tensor) -> tuple[int, bool]:
-    """Nonzeros of a tensor and whether they are known (meta tensors have no values: counted dense)."""
+    """Nonzeros of a tensor and whether they are known (meta tensors have no values: counted dense).
+
+    Contiguous CPU floats are counted on their bits, a chunk at a time through one small buffer (about 3x
+    faster than ``torch.count_nonzero`` on float32, single thread); -0.0 counts as zero, NaN as nonzero."""
     if tensor.device.type == "meta":
         return tensor.numel(), False
     with torch.no_grad():
-        return int(torch.count_nonzero(tensor.detach())), True
+        t = tensor.detach()
+        bits = _BITS.get(t.dtype)
+        if (
+            bits is None
+            or t.device.type != "cpu"
+            or type(t) is not torch.Tensor
+            or not t.is_contiguous()
+            or t.is_conj()
+            or t.is_neg()
+        ):
+            return int(torch.count_nonzero(t)), True
+        values = t.view(bits).reshape(-1).numpy()
+        if values.size <= _CHUNK:
+            return int(np.count_nonzero(values << 1)), True
+        buffer = np.empty(_CHUNK, dtype=values.dtype)
+        total = 0
+        for start in range(0, values.size, _CHUNK):
+            chunk = values[start : start + _CHUNK]
+            out = buffer[: chunk.size]
+            np.left_shift(chunk, 1, out=out)
+            total += int(np.count_nonzero(out))
+        return total, True
 
 
 @dataclass(slots=True)
