@@ -52,13 +52,16 @@ class Counter:
         }
         self._check_names(walk)
         self._table: WeightTable | None = None
+        self._walk = walk
+        self._pending_walk: Walk | None = None
+        """A walk known to be current, used once (count() runs the model right after walking it)."""
         self.reset()
 
     def _weights(self) -> WeightTable:
         """The weight table, rebuilt when the model's tensors changed, else refreshed where values changed."""
-        walk = Walk.of(self.model)
-        keys = walk.keys()
-        if self._table is None or keys != self._table_keys:
+        walk, self._pending_walk = self._pending_walk or Walk.of(self.model), None
+        keys = walk.identity()
+        if self._table is None or not _same(keys, self._table_keys):
             self._table = WeightTable.of(self.model, self.policy, walk)
             self._table_keys = keys
         else:
@@ -88,8 +91,8 @@ class Counter:
         dim ``sample_dim`` of the model's first input when not given)."""
         table = self._weights()
         mode = CountingMode(self.prices, self.policy, table, self._names, self._output_bits)
-        pre = register_module_forward_pre_hook(lambda module, args: mode.enter(module, args))
-        post = register_module_forward_hook(lambda module, args, output: mode.leave(module, args, output))
+        pre = register_module_forward_pre_hook(mode.enter)
+        post = register_module_forward_hook(mode.leave)
         first_input = None
         try:
             with mode:
@@ -184,6 +187,10 @@ class Counter:
         )
 
 
+def _same(a: list[tuple[str, torch.Tensor, int]], b: list[tuple[str, torch.Tensor, int]]) -> bool:
+    return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b))
+
+
 _BUNDLED: dict[str, RuleSet] = {}
 
 
@@ -248,6 +255,7 @@ def count(
     )
     if samples is None and example_inputs and isinstance(example_inputs[0], torch.Tensor):
         samples = example_inputs[0].shape[sample_dim] if example_inputs[0].dim() > sample_dim else 1
+    counter._pending_walk = counter._walk  # nothing changes the model between these two steps (its forward may)
     with counter.measure(samples=samples, sample_dim=sample_dim):
         model(*example_inputs, **forward_kwargs)
     return counter.report()

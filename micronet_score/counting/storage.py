@@ -55,9 +55,17 @@ class Walk:
                     buffers.append((prefix + name, tensor))
         return cls(modules, parameters, buffers)
 
-    def keys(self) -> list[int]:
-        """Identity of the model's tensors: a different list means the table must be rebuilt."""
-        return [id(t) for _, t in self.parameters] + [id(t) for _, t in self.buffers]
+    def keyed(self) -> dict[int, torch.Tensor]:
+        """Storage key -> the first tensor of the model on that storage."""
+        keyed: dict[int, torch.Tensor] = {}
+        for _, tensor in self.parameters + self.buffers:
+            keyed.setdefault(storage_key(tensor), tensor)
+        return keyed
+
+    def identity(self) -> list[tuple[str, torch.Tensor, int]]:
+        """Names, tensors and storages of the model: when any differ, the weight table is rebuilt (the tensors
+        are held, so that a freed tensor's id or storage address cannot come back as another's)."""
+        return [(name, t, storage_key(t)) for name, t in self.parameters + self.buffers]
 
 
 @dataclass(slots=True)
@@ -153,9 +161,9 @@ class WeightTable:
     def refresh(self, model: nn.Module, walk: Walk | None = None) -> None:
         """Recount nonzeros from the current values (a training loop may have pruned since)."""
         walk = walk or Walk.of(model)
-        tensors = {storage_key(t): t for _, t in walk.parameters}
-        tensors.update({storage_key(t): t for _, t in walk.buffers})
+        tensors = walk.keyed()
         self.meta = False
+        stale: list[tuple[TensorInfo, torch.Tensor]] = []
         for key, info in self.by_key.items():
             tensor = tensors.get(key)
             info.read = False
@@ -163,7 +171,8 @@ class WeightTable:
                 self.meta |= not info.known
                 continue
             info.version = tensor._version
-            nonzeros, known = count_nonzero(tensor)
+            stale.append((info, tensor))
+        for (info, _), (nonzeros, known) in zip(stale, count_nonzeros([t for _, t in stale]), strict=True):
             info.nonzeros, info.known = nonzeros, known
             info.density = nonzeros / info.numel if info.numel else 1.0
             self.meta |= not known
@@ -211,11 +220,62 @@ def mask_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor,
     return pairs
 
 
-_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-"""Float dtypes counted through their bits: x != 0 exactly when (bits << 1) != 0 (the sign of -0.0 shifted out)."""
+_BITS = {
+    torch.float32: (torch.int32, 1),
+    torch.float64: (torch.int64, 1),
+    torch.float16: (torch.int16, 1),
+    torch.bfloat16: (torch.int16, 1),
+    torch.int64: (torch.int64, 0),
+    torch.int32: (torch.int32, 0),
+    torch.int16: (torch.int16, 0),
+    torch.int8: (torch.int8, 0),
+    torch.uint8: (torch.uint8, 0),
+    torch.bool: (torch.uint8, 0),
+}
+"""dtype -> (integer view, shift): a float x != 0 exactly when (bits << 1) != 0 (the sign of -0.0 shifted out)."""
 
 _CHUNK = 1 << 16
 """Elements per pass of the shift-and-count (a buffer that stays in cache)."""
+
+
+_SMALL = 1 << 14
+"""Tensors up to this size are counted together, one pass per dtype (a model has hundreds of small ones)."""
+
+
+def _on_bits(t: torch.Tensor) -> bool:
+    return (
+        t.dtype in _BITS
+        and t.device.type == "cpu"
+        and type(t) is torch.Tensor
+        and t.is_contiguous()
+        and not t.is_conj()
+        and not t.is_neg()
+    )
+
+
+def count_nonzeros(tensors: list[torch.Tensor]) -> list[tuple[int, bool]]:
+    """:func:`count_nonzero` of each tensor; the small CPU float ones in one concatenated pass per dtype."""
+    results: list[tuple[int, bool] | None] = [None] * len(tensors)
+    small: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
+    with torch.no_grad():
+        for i, tensor in enumerate(tensors):
+            t = tensor.detach()
+            if 0 < t.numel() <= _SMALL and _on_bits(t):
+                small.setdefault(t.dtype, []).append((i, t))
+            else:
+                results[i] = count_nonzero(t)
+        for dtype, items in small.items():
+            if len(items) == 1:
+                results[items[0][0]] = count_nonzero(items[0][1])
+                continue
+            view, shift = _BITS[dtype]
+            values = torch.cat([t.reshape(-1) for _, t in items]).view(view).numpy()
+            sizes = np.fromiter((t.numel() for _, t in items), dtype=np.int64, count=len(items))
+            offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+            counts = np.add.reduceat(((values << 1) if shift else values) != 0, offsets, dtype=np.int64)
+            for (i, _), n in zip(items, counts.tolist(), strict=True):
+                results[i] = (n, True)
+    return results  # type: ignore[return-value]
 
 
 def count_nonzero(tensor: torch.Tensor) -> tuple[int, bool]:
@@ -227,17 +287,12 @@ def count_nonzero(tensor: torch.Tensor) -> tuple[int, bool]:
         return tensor.numel(), False
     with torch.no_grad():
         t = tensor.detach()
-        bits = _BITS.get(t.dtype)
-        if (
-            bits is None
-            or t.device.type != "cpu"
-            or type(t) is not torch.Tensor
-            or not t.is_contiguous()
-            or t.is_conj()
-            or t.is_neg()
-        ):
+        if not _on_bits(t):
             return int(torch.count_nonzero(t)), True
-        values = t.view(bits).reshape(-1).numpy()
+        view, shift = _BITS[t.dtype]
+        values = t.view(view).reshape(-1).numpy()
+        if not shift:
+            return int(np.count_nonzero(values)), True
         if values.size <= _CHUNK:
             return int(np.count_nonzero(values << 1)), True
         buffer = np.empty(_CHUNK, dtype=values.dtype)
