@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.costs import Prices
 from micronet_score.counting.interpreter import CountingMode, Tally
+from micronet_score.counting.shapes import META_FALLBACKS, MetaCopy, data_dependent, to_meta
 from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account
 from micronet_score.errors import MicronetError
 from micronet_score.report import LayerRow, OpTotal, Report, UncountedOp
@@ -91,17 +93,42 @@ class Counter:
         dim ``sample_dim`` of the model's first input when not given)."""
         table = self._weights()
         mode = CountingMode(self.prices, self.policy, table, self._names, self._output_bits)
-        pre = register_module_forward_pre_hook(mode.enter)
-        post = register_module_forward_hook(mode.leave)
-        first_input = None
+        with _installed(mode):
+            yield self
+        self._collect(mode, table, samples, sample_dim, None)
+
+    def count_shapes(
+        self, *inputs: Any, samples: float | None = None, sample_dim: int = 0, **forward_kwargs: Any
+    ) -> Counter:
+        """Count ``model(*inputs, **forward_kwargs)`` from shapes alone: the forward runs on a meta copy of the
+        model (nothing is computed, the model itself is only read) and is priced with the real model's widths,
+        densities and storage, so the totals equal a real forward's. The forward's control flow must not depend
+        on tensor values (else MicronetError: count without shape_only). Returns the counter (call report())."""
+        table = self._weights()
+        meta = MetaCopy.of(self.model, Walk.of(self.model))
+        names = {id(m): path for path, m in meta.walk.modules.items() if path in self._modules}
+        output_bits = {
+            id(m): m.output_bits
+            for path, m in meta.walk.modules.items()
+            if id(self._modules.get(path)) in self._output_bits
+        }
+        mode = CountingMode(self.prices, self.policy, meta.table(table), names, output_bits)
+        mode.meta_fallbacks = META_FALLBACKS
+        meta_inputs, meta_kwargs = to_meta(inputs), to_meta(forward_kwargs)
         try:
-            with mode:
-                yield self
-            first_input = mode.first_input
-        finally:
-            pre.remove()
-            post.remove()
-            mode.finish()
+            with _installed(mode):
+                meta.model(*meta_inputs, **meta_kwargs)
+        except MicronetError:
+            raise
+        except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError) as err:
+            raise data_dependent(err) from err
+        self._collect(mode, table, samples, sample_dim, meta)
+        return self
+
+    def _collect(
+        self, mode: CountingMode, table: WeightTable, samples: float | None, sample_dim: int, meta: MetaCopy | None
+    ) -> None:
+        first_input = mode.first_input_seen
         if samples is None:
             if not isinstance(first_input, torch.Tensor) or first_input.dim() <= sample_dim:
                 raise MicronetError("cannot infer the number of samples: pass samples=N to measure()")
@@ -110,11 +137,15 @@ class Counter:
             raise MicronetError(
                 f"strict mode: ops without a price in rule set {self.rules.name}: {_describe(mode.tally.uncounted)}"
             )
+        norms, dropped, read = mode.norms, mode.dropped, mode.read
+        if meta is not None:  # storages of the meta copy -> the real model's
+            norms = {path: replace(n, keys=tuple(meta.real(n.keys))) for path, n in norms.items()}
+            dropped, read = meta.real(dropped), meta.real(read)
         self.samples += float(samples)
         self._tally.merge(mode.tally)
-        self._norms.update(mode.norms)
-        self._dropped |= mode.dropped
-        self._read |= mode.read
+        self._norms.update(norms)
+        self._dropped |= dropped
+        self._read |= read
         self._meta |= table.meta
 
     def report(self) -> Report:
@@ -187,6 +218,21 @@ class Counter:
         )
 
 
+@contextmanager
+def _installed(mode: CountingMode) -> Iterator[None]:
+    """The counting mode and the module hooks that attribute its ops, for the duration of a forward."""
+    pre = register_module_forward_pre_hook(mode.enter)
+    post = register_module_forward_hook(mode.leave)
+    try:
+        with mode:
+            yield
+        mode.first_input_seen = mode.first_input
+    finally:
+        pre.remove()
+        post.remove()
+        mode.finish()
+
+
 def _same(a: list[tuple[str, torch.Tensor, int]], b: list[tuple[str, torch.Tensor, int]]) -> bool:
     return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b))
 
@@ -221,10 +267,17 @@ def count(
     backend: str = "dispatch",
     samples: float | None = None,
     sample_dim: int = 0,
+    shape_only: bool = False,
     **forward_kwargs: Any,
 ) -> Report:
-    """Run ``model(*example_inputs, **forward_kwargs)`` once and report its cost by the rule set."""
+    """Run ``model(*example_inputs, **forward_kwargs)`` once and report its cost by the rule set.
+
+    ``shape_only``: run the forward on a meta copy of the model instead (no values computed; the model is only
+    read), priced with the real model's widths, densities and storage: the same totals as a real run, for
+    models whose control flow does not depend on data (see :meth:`Counter.count_shapes`)."""
     if backend == "fvcore":
+        if shape_only:
+            raise MicronetError("shape_only counts with the dispatch backend, not fvcore")
         from micronet_score.counting.fvcore_backend import count_fvcore
 
         return count_fvcore(
@@ -256,6 +309,14 @@ def count(
     if samples is None and example_inputs and isinstance(example_inputs[0], torch.Tensor):
         samples = example_inputs[0].shape[sample_dim] if example_inputs[0].dim() > sample_dim else 1
     counter._pending_walk = counter._walk  # nothing changes the model between these two steps (its forward may)
-    with counter.measure(samples=samples, sample_dim=sample_dim):
-        model(*example_inputs, **forward_kwargs)
+    if shape_only:
+        counter.count_shapes(*example_inputs, samples=samples, sample_dim=sample_dim, **forward_kwargs)
+    else:
+        with counter.measure(samples=samples, sample_dim=sample_dim):
+            model(*example_inputs, **forward_kwargs)
     return counter.report()
+
+
+def count_shapes(model: nn.Module, *example_inputs: Any, **options: Any) -> Report:
+    """:func:`count` with ``shape_only=True``: the forward on a meta copy, the real model's widths and densities."""
+    return count(model, *example_inputs, shape_only=True, **options)

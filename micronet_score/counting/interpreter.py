@@ -96,7 +96,11 @@ class CountingMode(TorchDispatchMode):
         self.dropped: set[int] = set()
         self.read: set[int] = set()
         self.first_input: Any = None
+        self.first_input_seen: Any = None
+        """first_input as it was when the forward ended (finish() forgets first_input)"""
         self.op: Any = None
+        self.meta_fallbacks: dict[Any, Any] | None = None
+        """shape-only counting: outputs of ops that have no meta kernel, by overload packet"""
         rules = policy.rules
         self.keep_layer_norm_affine = rules.folding.layer_norm_affine == "keep"
         self._fold_bn = rules.folding.batch_norm_after_linear == "bias"
@@ -109,7 +113,13 @@ class CountingMode(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if kwargs is None:
             kwargs = {}
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except NotImplementedError:
+            fallback = self.meta_fallbacks.get(func.overloadpacket) if self.meta_fallbacks else None
+            if fallback is None:
+                raise
+            out = fallback(args, kwargs)  # shape-only: an op without a meta kernel, its output shapes known
         try:
             handler = _HANDLERS[func]
         except KeyError:

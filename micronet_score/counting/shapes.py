@@ -1,0 +1,136 @@
+"""Shape-only counting: the forward runs on a meta copy of the model (no values computed), priced with the real
+model's widths, densities and storage.
+
+The copy shares nothing with the real model: its modules are deep copies whose parameters and buffers are meta
+tensors of the same shapes, dtypes and requires_grad. Each meta tensor's storage maps back to its real tensor's
+storage, so the interpreter finds the real weight table (nonzeros counted from the real values, widths, pruning
+masks) under the meta keys, and what it learns about storage (tensors read, folded away) is translated back.
+The real model is only read: its values, attributes and version counters stay as they were.
+
+A forward whose control flow depends on tensor values (``if x.sum() > 0``, ``.item()``, ``.tolist()``,
+``nonzero``) cannot run on meta tensors: :class:`MicronetError` says so, and to count without shape_only.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from micronet_score.counting.storage import Pruned, Walk, WeightTable, storage_key
+from micronet_score.errors import MicronetError
+
+
+@dataclass
+class MetaCopy:
+    """A meta copy of a model and the map from its storages to the real model's."""
+
+    model: nn.Module
+    walk: Walk
+    real_key: dict[int, int]
+    """meta storage key -> real storage key"""
+
+    @classmethod
+    def of(cls, model: nn.Module, walk: Walk) -> MetaCopy:
+        for path, module in walk.modules.items():
+            if hasattr(module, "_packed_params"):
+                raise MicronetError(
+                    f"shape-only counting cannot copy module {path or '<root>'!r} to the meta device (its weights are "
+                    "packed torch.ao quantized params): count without shape_only"
+                )
+        memo: dict[int, Any] = {}
+        real_of_meta: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def meta(tensor: torch.Tensor) -> torch.Tensor:
+            copied = memo.get(id(tensor))
+            if copied is None:
+                with torch.no_grad():
+                    copied = torch.empty_strided(
+                        tensor.size(), tensor.stride(), dtype=tensor.dtype, device="meta"
+                    )
+                if isinstance(tensor, nn.Parameter):
+                    copied = nn.Parameter(copied, requires_grad=tensor.requires_grad)
+                elif tensor.requires_grad:
+                    copied.requires_grad_(True)
+                memo[id(tensor)] = copied
+                real_of_meta.append((copied, tensor))
+            return copied
+
+        for _, tensor in walk.parameters + walk.buffers:
+            meta(tensor)
+        for module in walk.modules.values():  # plain tensor attributes of modules (not registered as buffers)
+            for value in vars(module).values():
+                if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                    meta(value)
+        memo[id(memo)] = [real_of_meta]  # deepcopy keeps its memo's objects alive under this key
+        try:
+            copied = copy.deepcopy(model, memo)
+        except Exception as err:  # noqa: BLE001 - any model that cannot be copied
+            raise MicronetError(
+                f"shape-only counting cannot copy the model ({type(err).__name__}: {err}): count without shape_only"
+            ) from None
+        real_key = {storage_key(m): storage_key(r) for m, r in real_of_meta}
+        return cls(copied, Walk.of(copied), real_key)
+
+    def table(self, real: WeightTable) -> WeightTable:
+        """The real weight table under the meta storage keys (the same TensorInfo objects)."""
+        meta_key = {}
+        for meta, real_key in self.real_key.items():
+            meta_key.setdefault(real_key, []).append(meta)
+        table = WeightTable(meta=real.meta)
+        for key, info in real.by_key.items():
+            for meta in meta_key.get(key, ()):
+                table.by_key[meta] = info
+        for pruned in real.pruned.values():
+            for orig in meta_key.get(pruned.orig_key, ()):
+                for mask in meta_key.get(pruned.mask_key, ()):
+                    table.pruned[(orig, mask)] = Pruned(pruned.info, orig, mask, pruned.source)
+        table.packed = real.packed
+        return table
+
+    def real(self, keys: Any) -> set[int]:
+        """Meta storage keys translated to the real model's (keys of tensors made during the forward: dropped)."""
+        return {self.real_key[k] for k in keys if k in self.real_key}
+
+
+def to_meta(value: Any) -> Any:
+    """Tensors of (nested) inputs as meta tensors of the same shapes and dtypes."""
+
+    def convert(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.device.type != "meta":
+            return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="meta")
+        return x
+
+    return tree_map(convert, value)
+
+
+def data_dependent(err: Exception) -> MicronetError:
+    first = (str(err).splitlines() or [""])[0][:300]
+    return MicronetError(
+        "shape-only counting runs the forward on meta tensors, which have no values, and this forward could not "
+        f"run there ({type(err).__name__}: {first}); a model whose control flow depends on data (or that uses an "
+        "op without a meta kernel) must be counted without shape_only"
+    )
+
+
+def _fake_quant(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    x = args[0]
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+_aten = torch.ops.aten
+META_FALLBACKS = {
+    getattr(_aten, name): _fake_quant
+    for name in (
+        "fake_quantize_per_tensor_affine_cachemask",
+        "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+        "fake_quantize_per_channel_affine_cachemask",
+        "_fused_moving_avg_obs_fq_helper",
+    )
+    if hasattr(_aten, name)
+}
+"""Ops torch has no meta kernel for, whose outputs' shapes are those of their input: (values, mask)."""
