@@ -156,3 +156,23 @@ def test_nonzeros_on_the_bits_equal_torch_count_nonzero():
     assert count_nonzeros(tensors) == expected
     assert [count_nonzero(t) for t in tensors] == expected
     assert count_nonzero(torch.empty(3, 4, device="meta")) == (12, False)
+
+
+def test_counter_count_shapes_follows_train_and_eval():
+    torch.manual_seed(0)
+    model = WideResNet(10, 1)
+    x = torch.randn(2, 3, 32, 32)
+    counter = ms.Counter(model)
+    model.eval()
+    counter.count_shapes(x)
+    model.train()
+    counter.count_shapes(x)
+    model.eval()
+    real = ms.Counter(model)
+    with real.measure():
+        model(x)
+    model.train()
+    with real.measure():
+        model(x)
+    model.eval()
+    assert_same(real.report(), counter.report())

@@ -14,7 +14,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.costs import Prices
 from micronet_score.counting.interpreter import CountingMode, Tally
-from micronet_score.counting.shapes import META_FALLBACKS, MetaCopy, data_dependent, to_meta
+from micronet_score.counting.shapes import META_FALLBACKS, META_FAST, MetaCopy, data_dependent, to_meta
 from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account
 from micronet_score.errors import MicronetError
 from micronet_score.report import LayerRow, OpTotal, Report, UncountedOp
@@ -56,6 +56,8 @@ class Counter:
         self._table: WeightTable | None = None
         self._walk = walk
         self._pending_walk: Walk | None = None
+        self._meta_copy: tuple[WeightTable, MetaCopy] | None = None
+        """count_shapes: the meta copy, made once per weight table"""
         """A walk known to be current, used once (count() runs the model right after walking it)."""
         self.reset()
 
@@ -103,9 +105,15 @@ class Counter:
         """Count ``model(*inputs, **forward_kwargs)`` from shapes alone: the forward runs on a meta copy of the
         model (nothing is computed, the model itself is only read) and is priced with the real model's widths,
         densities and storage, so the totals equal a real forward's. The forward's control flow must not depend
-        on tensor values (else MicronetError: count without shape_only). Returns the counter (call report())."""
+        on tensor values (else MicronetError: count without shape_only). Returns the counter (call report()).
+
+        The meta copy is made on the first call and kept while the model's tensors stay the same (it follows
+        train()/eval()); the nonzeros are recounted, as for measure(), only for tensors changed since."""
         table = self._weights()
-        meta = MetaCopy.of(self.model, Walk.of(self.model))
+        if self._meta_copy is None or self._meta_copy[0] is not table:  # the table is rebuilt when tensors change
+            self._meta_copy = (table, MetaCopy.of(self.model, Walk.of(self.model)))
+        meta = self._meta_copy[1]
+        meta.follow(self._modules)
         names = {id(m): path for path, m in meta.walk.modules.items() if path in self._modules}
         output_bits = {
             id(m): m.output_bits
@@ -113,7 +121,7 @@ class Counter:
             if id(self._modules.get(path)) in self._output_bits
         }
         mode = CountingMode(self.prices, self.policy, meta.table(table), names, output_bits)
-        mode.meta_fallbacks = META_FALLBACKS
+        mode.meta_fallbacks, mode.meta_fast = META_FALLBACKS, META_FAST
         meta_inputs, meta_kwargs = to_meta(inputs), to_meta(forward_kwargs)
         try:
             with _installed(mode):

@@ -100,6 +100,7 @@ class CountingMode(TorchDispatchMode):
         """first_input as it was when the forward ended (finish() forgets first_input)"""
         self.op: Any = None
         self.meta_fallbacks: dict[Any, Any] | None = None
+        self.meta_fast: dict[Any, Any] | None = None
         """shape-only counting: outputs of ops that have no meta kernel, by overload packet"""
         rules = policy.rules
         self.keep_layer_norm_affine = rules.folding.layer_norm_affine == "keep"
@@ -114,7 +115,13 @@ class CountingMode(TorchDispatchMode):
         if kwargs is None:
             kwargs = {}
         try:
-            out = func(*args, **kwargs)
+            out = None
+            if self.meta_fast is not None:  # shape-only: outputs made directly where torch's meta kernel is slow
+                fast = self.meta_fast.get(func)
+                if fast is not None:
+                    out = fast(args, kwargs)
+            if out is None:
+                out = func(*args, **kwargs)
         except NotImplementedError:
             fallback = self.meta_fallbacks.get(func.overloadpacket) if self.meta_fallbacks else None
             if fallback is None:
