@@ -149,9 +149,16 @@ META_FALLBACKS = {
 # the input, so shape-only counting makes it directly; any case not listed exactly falls back to torch (None).
 
 
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like (itself a Python reference on meta, ~20 us) for contiguous tensors, in ~1 us."""
+    if x.is_contiguous():
+        return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+    return torch.empty_like(x)
+
+
 def _like_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
     x = args[0]
-    return torch.empty_like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+    return _like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
 
 
 def _in_place(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -165,7 +172,7 @@ def _batch_norm_outputs(x: Any, weight: Any) -> tuple[torch.Tensor, torch.Tensor
     if weight is not None and (not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32):
         return None
     channels = x.shape[1]
-    return torch.empty_like(x), x.new_empty((channels,)), x.new_empty((channels,))
+    return _like(x), x.new_empty((channels,)), x.new_empty((channels,))
 
 
 def _native_batch_norm(args: tuple, kwargs: dict) -> tuple | None:
@@ -189,7 +196,7 @@ def _same_shape_add(args: tuple, kwargs: dict) -> torch.Tensor | None:
         and a.is_contiguous()
         and b.is_contiguous()
     ):
-        return torch.empty_like(a)
+        return _like(a)
     return None
 
 
