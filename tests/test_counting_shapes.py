@@ -176,3 +176,29 @@ def test_counter_count_shapes_follows_train_and_eval():
         model(x)
     model.eval()
     assert_same(real.report(), counter.report())
+
+
+def test_packed_quantized_model_says_to_count_without_shape_only():
+    import torch.ao.quantization as tq
+
+    model = tq.quantize_dynamic(nn.Sequential(nn.Linear(8, 4)), {nn.Linear}, torch.qint8)
+    with pytest.raises(ms.MicronetError, match="without shape_only"):
+        ms.count(model, torch.randn(1, 8), shape_only=True)
+
+
+def test_counter_rebuilds_its_table_when_a_tensor_is_replaced():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8, bias=False)).eval()
+    x = torch.randn(1, 16)
+    counter = ms.Counter(model)
+    with counter.measure():
+        model(x)
+    assert counter.report().layer("0").density == 1.0
+    weight = torch.randn(8, 16)
+    weight[:, :12] = 0
+    model[0].weight = nn.Parameter(weight)  # a new tensor, never modified in place: version 0 like the old one
+    counter.reset()
+    counter.count_shapes(x)
+    r = counter.report()
+    assert r.layer("0").density == 0.25
+    assert r.mults == 8 * 4
