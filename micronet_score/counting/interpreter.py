@@ -171,7 +171,14 @@ class CountingMode(TorchDispatchMode):
     def width(self, tensor: torch.Tensor) -> int:
         """Width of an operand: a stored tensor's width, a quantizer's mark, a quantized dtype's width, else the
         declared activation width."""
-        width = self.stored_width(tensor)
+        key = tensor.untyped_storage()._cdata  # storage_key, inlined: this runs for every operand of every op
+        info = self.weights.get(key) or self.derived.get(key)
+        if info is not None:
+            self.read.add(key)
+            return info.bits
+        width = self.marks.get(tensor) if self.marks.used else None
+        if width is None:
+            width = QUANTIZED.get(tensor.dtype)
         return self.policy.activation if width is None else width
 
     def stored_width(self, tensor: torch.Tensor) -> int | None:
@@ -235,11 +242,14 @@ class CountingMode(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self.width(t)
         else:
-            mult_bits = max(
-                (self.width(t) if isinstance(t, torch.Tensor) else t for t in operands if t is not None),
-                default=self.policy.activation,
-            )
-            other_bits = mult_bits
+            widest = None  # max(widths, default=activation), without a generator on every op
+            for t in operands:
+                if t is None:
+                    continue
+                w = self.width(t) if isinstance(t, torch.Tensor) else t
+                if widest is None or w > widest:
+                    widest = w
+            mult_bits = other_bits = self.policy.activation if widest is None else widest
         path = self.stack[-1] if self.stack else ""
         tally = self.tally
         row = tally.rows.get(path)
