@@ -1,4 +1,4 @@
-"""Counting time / plain forward time, single thread, median of repeats.
+"""Counting time / plain forward time, single thread, median over interleaved rounds (see timing.py).
 
 Run: .venv/bin/python benchmarks/bench_counting.py   (writes benchmarks/results/counting.json)
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from micronet_score.models.wrn import WideResNet
 from torch import nn
 
 import micronet_score as ms
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import interleaved  # noqa: E402  (same folder: run as a script)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -35,16 +39,16 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> dict:
             model(x)
 
     with torch.no_grad():
-        plain = median_seconds(lambda: model(x), repeats)
-        counting = median_seconds(counted, repeats)
-        full = median_seconds(lambda: ms.count(model, x), repeats)
+        plain, ratios, _ = interleaved(
+            lambda: model(x), {"measure": counted, "count": lambda: ms.count(model, x)}, repeats
+        )
     return {
         "model": name,
         "forward_ms": plain * 1e3,
-        "measure_ms": counting * 1e3,
-        "count_ms": full * 1e3,
-        "measure_ratio": counting / plain,
-        "count_ratio": full / plain,
+        "measure_ms": ratios["measure"] * plain * 1e3,
+        "count_ms": ratios["count"] * plain * 1e3,
+        "measure_ratio": ratios["measure"],
+        "count_ratio": ratios["count"],
         "repeats": repeats,
     }
 

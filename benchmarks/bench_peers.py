@@ -1,19 +1,37 @@
-"""Counting time / one plain forward, against peer counters; one thread, same process, median of repeats (issue 8).
+"""Counting time / one plain forward, against peer counters; one thread, same process (issue 8).
 
-Counters: micronet-score's Counter inside ``measure`` and the full ``count()``, fvcore's FlopCountAnalysis
-(a fresh analysis per repeat: it traces the model) and torch.utils.flop_counter.FlopCounterMode; plus a
-shape-only ``count()`` on the meta device for WRN-28-10, whose totals must equal the real run's.
+Per model, each round runs the plain forward and every counter once, back to back in a rotating order; a
+counter's ratio is the median over rounds of its time over that round's forward (see timing.py). Counters:
+
+* ``measure``: micronet-score's ``Counter.measure`` around the forward (the training-loop API: the weight
+  table is built once and refreshed only where tensors changed);
+* ``count``: the one-shot ``micronet_score.count()`` (rules, weight table with every nonzero counted, the
+  forward, the report);
+* ``shape_only``: the one-shot ``count(..., shape_only=True)`` (the forward on a meta copy, priced with the real
+  model's densities and widths; totals checked equal to ``count``'s);
+* ``shape_only_warm``: ``Counter.count_shapes`` on a counter that has counted once (meta copy and nonzeros
+  kept: the model's tensors did not change);
+* ``fvcore``: fvcore's ``FlopCountAnalysis`` (a fresh analysis each time: it traces the model);
+* ``flop_counter``: ``torch.utils.flop_counter.FlopCounterMode``.
+
+Models: WRN-28-10 (1x3x32x32), MobileNetV2-1.4 (1x3x224x224), the JAIST QRNN (96 tokens, batch 1) and the MIT
+transformer LM (its best configuration, random weights, 9-bit quantizers: one 96-token segment with full
+memory and a full 3000-entry cache).
 
 Run: .venv/bin/python benchmarks/bench_peers.py   (writes benchmarks/results/peers.json, prints a Markdown table)
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import platform
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from micronet_score.models.mit_lm import MitLM, MitLMConfig, example_tokens
 from micronet_score.models.mobilenet_v2 import MobileNetV2
 from micronet_score.models.registry import get
 from micronet_score.models.wrn import WideResNet
@@ -21,120 +39,162 @@ from torch import nn
 
 import micronet_score as ms
 
-from bench_counting import median_seconds  # same folder: run as a script
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import interleaved  # noqa: E402  (same folder: run as a script)
 
 RESULTS = Path(__file__).parent / "results" / "peers.json"
+KEYS = ["measure", "count", "shape_only", "shape_only_warm", "fvcore", "flop_counter"]
 
 
-def fvcore_total(model: nn.Module, x: torch.Tensor) -> float:
+def fvcore_total(model: nn.Module, inputs: tuple) -> float:
     from fvcore.nn import FlopCountAnalysis
 
-    analysis = FlopCountAnalysis(model, (x,))
+    analysis = FlopCountAnalysis(model, inputs)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return float(analysis.total())
 
 
-def flop_counter_total(model: nn.Module, x: torch.Tensor) -> float:
+def flop_counter_total(model: nn.Module, inputs: tuple) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as mode:
-        model(x)
+        model(*inputs)
     return float(mode.get_total_flops())
 
 
-def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> dict:
-    counter = ms.Counter(model)
+def totals(report: ms.Report) -> dict[str, float]:
+    return {k: getattr(report, k) for k in ("mults", "adds", "others", "params", "flops")}
+
+
+def bench(name: str, model: nn.Module, inputs: tuple, rounds: int, options: dict[str, Any] | None = None) -> dict:
+    options = options or {}
+    counter = ms.Counter(model, **options)
+    warm = ms.Counter(model, **options)
 
     def measured() -> None:
-        with counter.measure(samples=1):
-            model(x)
+        with counter.measure():
+            model(*inputs)
 
-    row: dict = {"model": name, "repeats": repeats}
+    def shapes_warm() -> None:
+        warm.count_shapes(*inputs)
+
+    variants: dict[str, Callable[[], object]] = {
+        "measure": measured,
+        "count": lambda: ms.count(model, *inputs, **options),
+        "shape_only": lambda: ms.count(model, *inputs, shape_only=True, **options),
+        "shape_only_warm": shapes_warm,
+        "fvcore": lambda: fvcore_total(model, inputs),
+        "flop_counter": lambda: flop_counter_total(model, inputs),
+    }
+    row: dict[str, Any] = {"model": name, "rounds": rounds}
     with torch.no_grad():
-        plain = median_seconds(lambda: model(x), repeats)
-        row["forward_ms"] = plain * 1e3
-        peers = {
-            "micronet_measure": measured,
-            "micronet_count": lambda: ms.count(model, x),
-            "fvcore": lambda: fvcore_total(model, x),
-            "flop_counter": lambda: flop_counter_total(model, x),
-        }
-        for key, fn in peers.items():
-            try:
-                row[f"{key}_ratio"] = median_seconds(fn, repeats) / plain
-            except Exception as err:  # a peer that cannot trace this model: recorded, not fatal
-                row[f"{key}_ratio"] = None
-                row[f"{key}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        forward, ratios, errors = interleaved(lambda: model(*inputs), variants, rounds)
+        row["forward_ms"] = forward * 1e3
+        row["ratios"] = ratios
+        row["errors"] = errors
+        real = totals(ms.count(model, *inputs, **options))
+        row["totals"] = real
+        if "shape_only" not in errors:
+            row["shape_only_identical_totals"] = totals(ms.count(model, *inputs, shape_only=True, **options)) == real
     return row
 
 
-def meta_row(repeats: int) -> dict:
-    """WRN-28-10 counted from shapes alone (meta device) against one real forward; the totals must agree."""
+def wrn() -> tuple[nn.Module, tuple]:
     torch.manual_seed(0)
-    real = WideResNet(28, 10).eval()
-    with torch.no_grad():  # the random init holds an exact zero (in blocks.9.conv2): a sparse weight, not dense
-        for p in real.parameters():
-            p.masked_fill_(p == 0, 1e-3)
-    meta = copy.deepcopy(real).to("meta")
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        plain = median_seconds(lambda: real(x), repeats)
-        shape_only = median_seconds(lambda: ms.count(meta, x.to("meta")), repeats)
-        a, b = ms.count(real, x), ms.count(meta, x.to("meta"))
-    totals_real, totals_meta = (a.mults, a.adds, a.others, a.params), (b.mults, b.adds, b.others, b.params)
-    assert totals_real == totals_meta, (totals_real, totals_meta)
-    return {
-        "model": "wrn-28-10 shape-only count on meta (1x3x32x32)",
-        "repeats": repeats,
-        "forward_ms": plain * 1e3,
-        "meta_count_ratio": shape_only / plain,
-        "identical_totals": True,
-        "totals": dict(zip(("mults", "adds", "others", "params"), totals_real, strict=True)),
-    }
+    return WideResNet(28, 10).eval(), (torch.randn(1, 3, 32, 32),)
 
 
-def qrnn_model() -> nn.Module:
+def mobilenet() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    return MobileNetV2(1.4).eval(), (torch.randn(1, 3, 224, 224),)
+
+
+def qrnn() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
     spec = get("jaist-qrnn")
     model = spec.build(spec.default_config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    return model
+    return model, (torch.randint(0, 267_735, (96, 1)),)
+
+
+def mit() -> tuple[nn.Module, tuple, dict]:
+    """The best configuration with random weights; the state after 32 segments of 96 tokens: every layer's
+    memory full (96 positions) and the cache full (3000 entries), then one 96-token segment to time."""
+    torch.manual_seed(0)
+    model = MitLM(MitLMConfig()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+        for name, buf in model.named_buffers():
+            if name.endswith("max_abs"):
+                buf.fill_(4.0)
+            elif name.endswith("inv_scale"):
+                buf.fill_(4.0 / 255)
+    n = model.config.n_seq
+    tokens = example_tokens(model.config, n * 33 + 1, seed=0)
+    with torch.no_grad():
+        state = model.new_stream()
+        for i in range(0, n * 32, n):
+            _, state = model(tokens[i : i + n], tokens[i + 1 : i + n + 1], state)
+    assert all(m.filled == model.config.n_seq for m in state.memory)
+    assert int((state.cache.values >= 0).sum()) == model.config.n_cache
+    inputs = (tokens[n * 32 : n * 33], tokens[n * 32 + 1 : n * 33 + 1], state)
+    return model, inputs, {"weight_bits": model.declared_weight_bits()}
+
+
+def cell(row: dict, key: str) -> str:
+    value = row["ratios"].get(key)
+    return "fails" if value is None else f"{value:.2f}x"
 
 
 def table(rows: list[dict]) -> str:
-    def cell(row: dict, key: str) -> str:
-        if key not in row:
-            return ""
-        value = row[key]
-        return "fails" if value is None else f"{value:.2f}x"
-
-    keys = ["micronet_measure_ratio", "micronet_count_ratio", "fvcore_ratio", "flop_counter_ratio", "meta_count_ratio"]
     lines = [
-        "| model | forward ms | Counter.measure | count() | fvcore | FlopCounterMode | meta count() |",
-        "|---|---|---|---|---|---|---|",
+        "| model | forward ms | Counter.measure | count() | shape-only count() | shape-only warm | fvcore "
+        "| FlopCounterMode |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['model']} | {row['forward_ms']:.1f} | " + " | ".join(cell(row, k) for k in keys) + " |")
+        lines.append(f"| {row['model']} | {row['forward_ms']:.1f} | " + " | ".join(cell(row, k) for k in KEYS) + " |")
     return "\n".join(lines)
+
+
+def notes(rows: list[dict]) -> list[str]:
+    out = []
+    for row in rows:
+        for key, error in row["errors"].items():
+            out.append(f"- {row['model']}: {key} fails: {error}")
+        if "shape_only_identical_totals" in row:
+            same = "identical to" if row["shape_only_identical_totals"] else "DIFFERENT from"
+            out.append(f"- {row['model']}: shape-only totals {same} the real run's")
+    return out
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    torch.manual_seed(0)
+    model, inputs, options = mit()
     rows = [
-        bench("wrn-28-10 (1x3x32x32)", WideResNet(28, 10).eval(), torch.randn(1, 3, 32, 32), 7),
-        bench("mobilenet-v2-1.4 (1x3x224x224)", MobileNetV2(1.4).eval(), torch.randn(1, 3, 224, 224), 7),
-        bench("jaist-qrnn (96 tokens, batch 1)", qrnn_model(), torch.randint(0, 267_735, (96, 1)), 3),
-        meta_row(7),
+        bench("wrn-28-10 (1x3x32x32)", *wrn(), rounds=9),
+        bench("mobilenet-v2-1.4 (1x3x224x224)", *mobilenet(), rounds=11),
+        bench("jaist-qrnn (96 tokens, batch 1)", *qrnn(), rounds=5),
+        bench("mit-lm (96 tokens, full memory and cache)", model, inputs, rounds=15, options=options),
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"threads": 1, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    meta = {"threads": 1, "torch": torch.__version__, "machine": platform.machine(), "processor": _cpu()}
+    RESULTS.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     print(table(rows))
-    for row in rows:
-        for key, value in row.items():
-            if key.endswith("_error"):
-                print(f"- {row['model']}: {key[: -len('_error')]} failed: {value}")
+    print("\n".join(notes(rows)))
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -7,9 +7,19 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-from micronet_score.counting import Counter, count
+from micronet_score.counting import Counter, count, count_shapes
 from micronet_score.errors import MicronetError, RuleError
 from micronet_score.report import Report
 from micronet_score.ruleset import RuleSet, load_rules
 
-__all__ = ["Counter", "MicronetError", "Report", "RuleError", "RuleSet", "__version__", "count", "load_rules"]
+__all__ = [
+    "Counter",
+    "MicronetError",
+    "Report",
+    "RuleError",
+    "RuleSet",
+    "__version__",
+    "count",
+    "count_shapes",
+    "load_rules",
+]

@@ -1,5 +1,5 @@
 """The counting interpreter and its Python API (see :mod:`micronet_score.counting.api`)."""
 
-from micronet_score.counting.api import Counter, count
+from micronet_score.counting.api import Counter, count, count_shapes
 
-__all__ = ["Counter", "count"]
+__all__ = ["Counter", "count", "count_shapes"]

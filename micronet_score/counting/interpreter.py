@@ -96,7 +96,12 @@ class CountingMode(TorchDispatchMode):
         self.dropped: set[int] = set()
         self.read: set[int] = set()
         self.first_input: Any = None
+        self.first_input_seen: Any = None
+        """first_input as it was when the forward ended (finish() forgets first_input)"""
         self.op: Any = None
+        self.meta_fallbacks: dict[Any, Any] | None = None
+        self.meta_fast: dict[Any, Any] | None = None
+        """shape-only counting: outputs of ops that have no meta kernel, by overload packet"""
         rules = policy.rules
         self.keep_layer_norm_affine = rules.folding.layer_norm_affine == "keep"
         self._fold_bn = rules.folding.batch_norm_after_linear == "bias"
@@ -109,7 +114,19 @@ class CountingMode(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if kwargs is None:
             kwargs = {}
-        out = func(*args, **kwargs)
+        try:
+            out = None
+            if self.meta_fast is not None:  # shape-only: outputs made directly where torch's meta kernel is slow
+                fast = self.meta_fast.get(func)
+                if fast is not None:
+                    out = fast(args, kwargs)
+            if out is None:
+                out = func(*args, **kwargs)
+        except NotImplementedError:
+            fallback = self.meta_fallbacks.get(func.overloadpacket) if self.meta_fallbacks else None
+            if fallback is None:
+                raise
+            out = fallback(args, kwargs)  # shape-only: an op without a meta kernel, its output shapes known
         try:
             handler = _HANDLERS[func]
         except KeyError:
@@ -157,7 +174,14 @@ class CountingMode(TorchDispatchMode):
     def width(self, tensor: torch.Tensor) -> int:
         """Width of an operand: a stored tensor's width, a quantizer's mark, a quantized dtype's width, else the
         declared activation width."""
-        width = self.stored_width(tensor)
+        key = tensor.untyped_storage()._cdata  # storage_key, inlined: this runs for every operand of every op
+        info = self.weights.get(key) or self.derived.get(key)
+        if info is not None:
+            self.read.add(key)
+            return info.bits
+        width = self.marks.get(tensor) if self.marks.used else None
+        if width is None:
+            width = QUANTIZED.get(tensor.dtype)
         return self.policy.activation if width is None else width
 
     def stored_width(self, tensor: torch.Tensor) -> int | None:
@@ -221,11 +245,14 @@ class CountingMode(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self.width(t)
         else:
-            mult_bits = max(
-                (self.width(t) if isinstance(t, torch.Tensor) else t for t in operands if t is not None),
-                default=self.policy.activation,
-            )
-            other_bits = mult_bits
+            widest = None  # max(widths, default=activation), without a generator on every op
+            for t in operands:
+                if t is None:
+                    continue
+                w = self.width(t) if isinstance(t, torch.Tensor) else t
+                if widest is None or w > widest:
+                    widest = w
+            mult_bits = other_bits = self.policy.activation if widest is None else widest
         path = self.stack[-1] if self.stack else ""
         tally = self.tally
         row = tally.rows.get(path)

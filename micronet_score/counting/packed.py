@@ -40,10 +40,11 @@ class Packed:
         return self.weight.numel() // self.weight.shape[0]
 
 
-def packed_modules(model: nn.Module) -> dict[str, Packed]:
-    """Every module of the model whose weight lives in packed params, by module path."""
+def packed_modules(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict[str, Packed]:
+    """Every module of the model whose weight lives in packed params, by module path (``modules``: the
+    model's ``named_modules()`` when already known)."""
     found = {}
-    for path, module in model.named_modules():
+    for path, module in (modules if modules is not None else dict(model.named_modules())).items():
         if not hasattr(module, "_packed_params") or isinstance(getattr(module, "weight", None), torch.Tensor):
             continue
         if not callable(getattr(module, "weight", None)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +25,47 @@ from micronet_score.counting.packed import Packed, packed_modules
 def storage_key(tensor: torch.Tensor) -> int:
     """Identity of a tensor's storage: views and tied tensors share it (meta tensors too)."""
     return tensor.untyped_storage()._cdata
+
+
+@dataclass(slots=True)
+class Walk:
+    """One pass over a model: its modules (first path of each) and its parameters and buffers by every name
+    (``named_parameters(remove_duplicate=False)`` order), without re-walking the module tree per question."""
+
+    modules: dict[str, nn.Module]
+    parameters: list[tuple[str, torch.Tensor]]
+    buffers: list[tuple[str, torch.Tensor]]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Walk:
+        modules: dict[str, nn.Module] = {}
+        seen: set[int] = set()
+        parameters: list[tuple[str, torch.Tensor]] = []
+        buffers: list[tuple[str, torch.Tensor]] = []
+        for path, module in model.named_modules(remove_duplicate=False):
+            if id(module) not in seen:
+                seen.add(id(module))
+                modules[path] = module
+            prefix = f"{path}." if path else ""
+            for name, tensor in module._parameters.items():
+                if tensor is not None:
+                    parameters.append((prefix + name, tensor))
+            for name, tensor in module._buffers.items():
+                if tensor is not None:
+                    buffers.append((prefix + name, tensor))
+        return cls(modules, parameters, buffers)
+
+    def keyed(self) -> dict[int, torch.Tensor]:
+        """Storage key -> the first tensor of the model on that storage."""
+        keyed: dict[int, torch.Tensor] = {}
+        for _, tensor in self.parameters + self.buffers:
+            keyed.setdefault(storage_key(tensor), tensor)
+        return keyed
+
+    def identity(self) -> list[tuple[str, torch.Tensor, int]]:
+        """Names, tensors and storages of the model: when any differ, the weight table is rebuilt (the tensors
+        are held, so that a freed tensor's id or storage address cannot come back as another's)."""
+        return [(name, t, storage_key(t)) for name, t in self.parameters + self.buffers]
 
 
 @dataclass(slots=True)
@@ -74,17 +116,17 @@ class WeightTable:
     meta: bool = False
 
     @classmethod
-    def of(cls, model: nn.Module, policy: BitPolicy) -> WeightTable:
+    def of(cls, model: nn.Module, policy: BitPolicy, walk: Walk | None = None) -> WeightTable:
+        walk = walk or Walk.of(model)
         table = cls()
-        for is_parameter, items in (
-            (True, model.named_parameters(remove_duplicate=False)),
-            (False, model.named_buffers(remove_duplicate=False)),
-        ):
+        first: dict[int, torch.Tensor] = {}
+        for is_parameter, items in ((True, walk.parameters), (False, walk.buffers)):
             for name, tensor in items:
                 key = storage_key(tensor)
                 if key in table.by_key:
                     table.by_key[key].names.append(name)
                     continue
+                first[key] = tensor
                 table.by_key[key] = TensorInfo(
                     names=[name],
                     module=name.rpartition(".")[0],
@@ -93,11 +135,9 @@ class WeightTable:
                     is_parameter=is_parameter,
                     nonzeros=0,
                 )
-        tensors = dict(model.named_parameters(remove_duplicate=False))
-        tensors.update(model.named_buffers(remove_duplicate=False))
-        for info in table.by_key.values():
-            info.bits = policy.stored(info.names, info.is_parameter, native_bits(tensors[info.names[0]]))
-        for path, module in model.named_modules(remove_duplicate=True):
+        for key, info in table.by_key.items():
+            info.bits = policy.stored(info.names, info.is_parameter, native_bits(first[key]))
+        for path, module in walk.modules.items():
             for base, orig, mask, source in mask_pairs(module):
                 full = f"{path}.{base}" if path else base
                 names = [full, f"{full}_orig"] if source == "prune" else [full]
@@ -112,17 +152,18 @@ class WeightTable:
                 table.pruned[(storage_key(orig), storage_key(mask))] = Pruned(
                     info, storage_key(orig), storage_key(mask), source
                 )
-        table.packed = packed_modules(model)
+        table.packed = packed_modules(model, walk.modules)
         for packed in table.packed.values():
             policy.check_freebie(packed.bits, f"the packed weight of module {packed.module!r}")
-        table.refresh(model)
+        table.refresh(model, walk)
         return table
 
-    def refresh(self, model: nn.Module) -> None:
+    def refresh(self, model: nn.Module, walk: Walk | None = None) -> None:
         """Recount nonzeros from the current values (a training loop may have pruned since)."""
-        tensors = {storage_key(t): t for _, t in model.named_parameters(remove_duplicate=False)}
-        tensors.update({storage_key(t): t for _, t in model.named_buffers(remove_duplicate=False)})
+        walk = walk or Walk.of(model)
+        tensors = walk.keyed()
         self.meta = False
+        stale: list[tuple[TensorInfo, torch.Tensor]] = []
         for key, info in self.by_key.items():
             tensor = tensors.get(key)
             info.read = False
@@ -130,7 +171,8 @@ class WeightTable:
                 self.meta |= not info.known
                 continue
             info.version = tensor._version
-            nonzeros, known = count_nonzero(tensor)
+            stale.append((info, tensor))
+        for (info, _), (nonzeros, known) in zip(stale, count_nonzeros([t for _, t in stale]), strict=True):
             info.nonzeros, info.known = nonzeros, known
             info.density = nonzeros / info.numel if info.numel else 1.0
             self.meta |= not known
@@ -164,8 +206,8 @@ def native_bits(tensor: torch.Tensor) -> int | None:
 def mask_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, str]]:
     """Masks beside a module's own tensors: (name, tensor, mask, source) for ``<name>_orig`` + ``<name>_mask``
     (torch.nn.utils.prune) and ``<name>`` + ``<name>_mask`` (a mask saved beside its weight)."""
-    own = dict(module.named_parameters(recurse=False))
-    own.update(module.named_buffers(recurse=False))
+    own = {name: t for name, t in module._parameters.items() if t is not None}
+    own.update((name, t) for name, t in module._buffers.items() if t is not None)
     pairs = []
     for name, mask in own.items():
         if not name.endswith("_mask") or not isinstance(mask, torch.Tensor):
@@ -178,12 +220,98 @@ def mask_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor,
     return pairs
 
 
+_BITS = {
+    torch.float32: (torch.int32, 1),
+    torch.float64: (torch.int64, 1),
+    torch.float16: (torch.int16, 1),
+    torch.bfloat16: (torch.int16, 1),
+    torch.int64: (torch.int64, 0),
+    torch.int32: (torch.int32, 0),
+    torch.int16: (torch.int16, 0),
+    torch.int8: (torch.int8, 0),
+    torch.uint8: (torch.uint8, 0),
+    torch.bool: (torch.uint8, 0),
+}
+"""dtype -> (integer view, shift): a float x != 0 exactly when (bits << 1) != 0 (the sign of -0.0 shifted out)."""
+
+_UNSIGNED = {np.dtype(np.int16): np.uint16, np.dtype(np.int32): np.uint32, np.dtype(np.int64): np.uint64}
+
+_CHUNK = 1 << 16
+"""Elements per pass of the shift-and-count (a buffer that stays in cache)."""
+
+
+_SMALL = 1 << 14
+"""Tensors up to this size are counted together, one pass per dtype (a model has hundreds of small ones)."""
+
+
+def _on_bits(t: torch.Tensor) -> bool:
+    return (
+        t.dtype in _BITS
+        and t.device.type == "cpu"
+        and type(t) is torch.Tensor
+        and t.is_contiguous()
+        and not t.is_conj()
+        and not t.is_neg()
+    )
+
+
+def count_nonzeros(tensors: list[torch.Tensor]) -> list[tuple[int, bool]]:
+    """:func:`count_nonzero` of each tensor; the small CPU float ones in one concatenated pass per dtype."""
+    results: list[tuple[int, bool] | None] = [None] * len(tensors)
+    small: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
+    with torch.no_grad():
+        for i, tensor in enumerate(tensors):
+            t = tensor.detach()
+            if 0 < t.numel() <= _SMALL and _on_bits(t):
+                small.setdefault(t.dtype, []).append((i, t))
+            else:
+                results[i] = count_nonzero(t)
+        for dtype, items in small.items():
+            if len(items) == 1:
+                results[items[0][0]] = count_nonzero(items[0][1])
+                continue
+            view, shift = _BITS[dtype]
+            values = torch.cat([t.reshape(-1) for _, t in items]).view(view).numpy()
+            sizes = np.fromiter((t.numel() for _, t in items), dtype=np.int64, count=len(items))
+            offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+            counts = np.add.reduceat(((values << 1) if shift else values) != 0, offsets, dtype=np.int64)
+            for (i, _), n in zip(items, counts.tolist(), strict=True):
+                results[i] = (n, True)
+    return results  # type: ignore[return-value]
+
+
 def count_nonzero(tensor: torch.Tensor) -> tuple[int, bool]:
-    """Nonzeros of a tensor and whether they are known (meta tensors have no values: counted dense)."""
+    """Nonzeros of a tensor and whether they are known (meta tensors have no values: counted dense).
+
+    Contiguous CPU floats are counted on their bits a chunk at a time (about 5x faster than
+    ``torch.count_nonzero`` on float32, single thread); -0.0 counts as zero, NaN as nonzero."""
     if tensor.device.type == "meta":
         return tensor.numel(), False
     with torch.no_grad():
-        return int(torch.count_nonzero(tensor.detach())), True
+        t = tensor.detach()
+        if not _on_bits(t):
+            return int(torch.count_nonzero(t)), True
+        view, shift = _BITS[t.dtype]
+        values = t.view(view).reshape(-1).numpy()
+        if not shift:
+            return int(np.count_nonzero(values)), True
+        if values.size <= _CHUNK:
+            return int(np.count_nonzero(values << 1)), True
+        # A chunk without zeros is proven so by two fast reductions: -0.0 is the most negative signed
+        # pattern and +0.0 the smallest unsigned one; only a chunk holding either is counted element-wise.
+        unsigned = values.view(_UNSIGNED[values.dtype])
+        negative_zero = np.iinfo(values.dtype).min
+        buffer = np.empty(_CHUNK, dtype=values.dtype)
+        total = 0
+        for start in range(0, values.size, _CHUNK):
+            chunk = values[start : start + _CHUNK]
+            if chunk.min() != negative_zero and unsigned[start : start + _CHUNK].min() != 0:
+                total += chunk.size
+                continue
+            out = buffer[: chunk.size]
+            np.left_shift(chunk, 1, out=out)
+            total += int(np.count_nonzero(out))
+        return total, True
 
 
 @dataclass(slots=True)
