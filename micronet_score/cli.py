@@ -132,6 +132,8 @@ Vocab = Annotated[Optional[Path], typer.Option("--vocab", help="Vocabulary file 
                                                                "or one word per line).")]
 Labels = Annotated[Optional[Path], typer.Option("--labels", help="ImageNet labels file for an image folder.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")]
+ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes on a meta copy, computing nothing "
+                                                              "(same totals; not for data-dependent models).")]
 
 
 def _options(rules: str, track: str | None, bits: int | None, act_bits: int | None, freebie: bool,
@@ -239,6 +241,7 @@ def count_command(
     device: Device = "cpu",
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
+    shape_only: ShapeOnly = False,
     as_json: AsJson = False,
 ) -> None:
     """Storage, operations and score without the quality metric, on the architecture's example input.
@@ -251,10 +254,12 @@ def count_command(
       micronet-score count model-1.pth --config config.yaml
 
       micronet-score count exported.pt2 --track cifar100 --bits 8
+
+      micronet-score count wrn.pt --shape-only
     """
     options = _options(rules, track, bits, act_bits, freebie, strict)
     loaded = _load(checkpoint, model, config, device, trust_pickle)
-    report = measure_example(loaded, options, device=resolve_device(device))
+    report = measure_example(loaded, options, device=resolve_device(device), shape_only=shape_only)
     _emit(_declared_widths_checked(loaded, options, report), as_json, f"{loaded.name}: {checkpoint}")
 
 

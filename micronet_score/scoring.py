@@ -136,8 +136,12 @@ def _samples(first: Any, per: str) -> int:
     return first.shape[0]
 
 
-def measure_example(loaded: LoadedModel, options: CountOptions, device: str | torch.device = "cpu") -> Report:
-    """Count one forward over the example input (the architecture's, or the one a program was exported with)."""
+def measure_example(
+    loaded: LoadedModel, options: CountOptions, device: str | torch.device = "cpu", shape_only: bool = False
+) -> Report:
+    """Count one forward over the example input (the architecture's, or the one a program was exported with);
+    ``shape_only`` runs it on a meta copy (nothing computed, same totals) for models whose control flow does
+    not depend on values."""
     if loaded.example_inputs is not None:
         inputs = loaded.example_inputs
     elif loaded.spec is not None and loaded.spec.example_inputs is not None:
@@ -147,9 +151,13 @@ def measure_example(loaded: LoadedModel, options: CountOptions, device: str | to
     inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs)
     counter = make_counter(loaded, options)
     loaded.model.to(device)
+    samples = _samples(inputs[0] if inputs else None, counter.per)
     with _measuring(loaded, counter), torch.no_grad():
-        with counter.measure(samples=_samples(inputs[0] if inputs else None, counter.per)):
-            loaded.model(*inputs)
+        if shape_only:
+            counter.count_shapes(*inputs, samples=samples)
+        else:
+            with counter.measure(samples=samples):
+                loaded.model(*inputs)
     return _finish(counter.report(), loaded.model)
 
 

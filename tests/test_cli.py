@@ -218,3 +218,13 @@ def test_count_with_declared_bits_runs_the_audit(cli, tmp_path):
     code, _, err = cli("count", path, "--bits", "8", "--strict")
     assert code == 2 and "declared as 8 bits" in err
     assert not any(w.startswith("audit:") for w in _json(cli, "count", path, "--json")["warnings"])
+
+
+def test_count_shape_only_gives_the_same_totals(cli, tmp_path):
+    path = str(_small_wrn(tmp_path, sparsity=0.5))
+    real = _json(cli, "count", path, "--json")
+    shapes = _json(cli, "count", path, "--shape-only", "--json")
+    for key in ("params", "flops", "mults", "adds", "others", "score"):
+        assert shapes[key] == real[key]
+    code, _, err = cli("count", str(CKPT), "--config", str(CONFIG), "--shape-only")
+    assert code == 2 and "shape_only" in " ".join(err.split())
