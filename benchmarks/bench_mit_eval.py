@@ -41,6 +41,18 @@ def build() -> MitLM:
     return model
 
 
+def matmul_limit(ops_per_token: float, predictions: int, seconds: float) -> dict:
+    """The time the machine's measured fp32 matrix-multiply rate (benchmarks/machine.py) allows for the same raw
+    operations (mults + adds + others), and the evaluation's ratio to it."""
+    machine = Path(__file__).parent / "results" / "machine.json"
+    if not machine.exists():
+        return {}
+    rate = json.loads(machine.read_text())["gflops_all_threads"] * 1e9
+    limit = ops_per_token * predictions / rate
+    return {"raw_ops_per_token": round(ops_per_token, 1), "matmul_limit_seconds": round(limit, 2),
+            "ratio_to_matmul_limit": round(seconds / limit, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--predictions", type=int, default=TEST_PREDICTIONS)
@@ -82,6 +94,7 @@ def main() -> None:
         out["counted_tokens"] = report.samples
         out["uncounted_ops"] = [u.op for u in report.uncounted]
         out["conversions"] = report.conversions
+        out.update(matmul_limit(report.mults + report.adds + report.others, result.predictions, result.seconds))
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(path.read_text()) if path.exists() else {}

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from micronet_score.models.mit_lm import MitLM, MitLMConfig, example_tokens
+from micronet_score.models.mit_lm import example_tokens
 from micronet_score.models.mobilenet_v2 import MobileNetV2
 from micronet_score.models.registry import get
 from micronet_score.models.wrn import WideResNet
@@ -40,6 +40,8 @@ from torch import nn
 import micronet_score as ms
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_mit_eval import build as build_full_size_mit_lm  # noqa: E402  (same folder: run as a script)
+from machine import cpu_name  # noqa: E402
 from timing import interleaved  # noqa: E402  (same folder: run as a script)
 
 RESULTS = Path(__file__).parent / "results" / "peers.json"
@@ -122,16 +124,7 @@ def qrnn() -> tuple[nn.Module, tuple]:
 def mit() -> tuple[nn.Module, tuple, dict]:
     """The best configuration with random weights; the state after 32 segments of 96 tokens: every layer's
     memory full (96 positions) and the cache full (3000 entries), then one 96-token segment to time."""
-    torch.manual_seed(0)
-    model = MitLM(MitLMConfig()).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-        for name, buf in model.named_buffers():
-            if name.endswith("max_abs"):
-                buf.fill_(4.0)
-            elif name.endswith("inv_scale"):
-                buf.fill_(4.0 / 255)
+    model = build_full_size_mit_lm()
     n = model.config.n_seq
     tokens = example_tokens(model.config, n * 33 + 1, seed=0)
     with torch.no_grad():
@@ -181,20 +174,10 @@ def main() -> None:
         bench("mit-lm (96 tokens, full memory and cache)", model, inputs, rounds=15, options=options),
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"threads": 1, "torch": torch.__version__, "machine": platform.machine(), "processor": _cpu()}
+    meta = {"threads": 1, "torch": torch.__version__, "machine": platform.machine(), "processor": cpu_name()}
     RESULTS.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     print(table(rows))
     print("\n".join(notes(rows)))
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
