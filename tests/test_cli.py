@@ -228,3 +228,27 @@ def test_count_shape_only_gives_the_same_totals(cli, tmp_path):
         assert shapes[key] == real[key]
     code, _, err = cli("count", str(CKPT), "--config", str(CONFIG), "--shape-only")
     assert code == 2 and "shape_only" in " ".join(err.split())
+
+
+def test_eval_image_model_on_a_cifar_archive(cli, tmp_path):
+    from test_images import cifar_pickle, planted
+
+    from micronet_score.data.images import load_cifar100_test
+
+    labels, right = planted(20, 5)
+    (tmp_path / "cifar-100-python").mkdir()
+    (tmp_path / "cifar-100-python" / "test").write_bytes(cifar_pickle(labels, right))
+    config = {"depth": 10, "widen": 1, "num_classes": 100}
+    torch.manual_seed(0)
+    net = registry.get("wrn-28-10").build(config).eval()
+    path = save_checkpoint(tmp_path / "wrn.pt", "wrn-28-10", config, net.state_dict())
+    report = _json(cli, "eval", str(path), "--data", str(tmp_path / "cifar-100-python"), "--json")
+    # independent reference: the same model run directly on the decoded, normalised images
+    images = load_cifar100_test(tmp_path / "cifar-100-python")
+    with torch.no_grad():
+        batch, batch_labels = next(images.batches(20))
+        correct = int((net(batch).argmax(-1) == batch_labels).sum())
+    assert report["quality"]["value"] == correct and report["quality"]["threshold"] == 8000
+    assert report["quality"]["qualifies"] is False and report["samples"] == 20
+    one = _json(cli, "count", str(path), "--json")  # one example image: per-image work is the same
+    assert report["mults"] == pytest.approx(one["mults"]) and report["params"] == one["params"]
