@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,21 +121,30 @@ def _all_tensors(value: Any) -> bool:
     return isinstance(value, Mapping) and all(isinstance(v, Tensor) for v in value.values())
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """One error listing every missing, unexpected and misshapen key (a [1] tensor fits a 0-d one)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+def fit_problems(
+    expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Tensor], allowed: Collection[str] = ()
+) -> list[str]:
+    """Every missing, unexpected and misshapen key, all of them, grouped: ``"2 missing: a [3], b [4]"``,
+    ``"1 unexpected: c"``, ``"1 misshapen: d [5] (expected [4])"``; empty when the state dict fits. A [1] tensor fits
+    a 0-d one (``load_state_dict`` takes it); ``allowed`` are extra keys that are not unexpected."""
+    missing = [f"{k} {list(shape)}" for k, shape in expected.items() if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected and k not in allowed]
     misshapen = []
     for key, shape in expected.items():
         if key in state_dict:
             got = tuple(state_dict[key].shape)
-            if got != shape and not (shape == () and got == (1,)):
+            if got != tuple(shape) and not (tuple(shape) == () and got == (1,)):
                 misshapen.append(f"{key} {list(got)} (expected {list(shape)})")
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
-        if keys:
-            problems.append(f"{len(keys)} {label}: {', '.join(keys)}")
+    return [
+        f"{len(keys)} {label}: {', '.join(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen))
+        if keys
+    ]
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """One error listing every missing, unexpected and misshapen key (see :func:`fit_problems`)."""
+    problems = fit_problems({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict)
     if problems:
         raise MicronetError(f"{source} does not fit the model: " + "; ".join(problems))
 

@@ -43,6 +43,7 @@ from micronet_score.models.registry import ModelSpec, register
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from micronet_score.checkpoint import fit_problems
 from micronet_score.errors import MicronetError
 
 WT103_VOCABULARY = 267_735
@@ -275,15 +276,7 @@ def config_from_state_dict(state: Mapping[str, Any], splits: Sequence[int] | Non
 
 def check_state_dict(flat: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     """Every expected key present with its shape, and nothing unknown; all problems in one message."""
-    expected = _expected_shapes(config)
-    problems = [f"missing {key} {list(shape)}" for key, shape in expected.items() if key not in flat]
-    problems += [
-        f"{key} has shape {list(flat[key].shape)}, expected {list(shape)}"
-        for key, shape in expected.items()
-        if key in flat and tuple(flat[key].shape) != shape
-    ]
-    unknown = sorted(set(flat) - set(expected) - {"decoder.weight"})
-    problems += [f"unexpected key {key}" for key in unknown]
+    problems = fit_problems(_expected_shapes(config), flat, allowed={"decoder.weight"})
     if "decoder.weight" in flat:
         decoder, encoder = flat["decoder.weight"], flat.get("encoder.weight")
         if encoder is not None and tuple(decoder.shape) != tuple(encoder.shape):

@@ -34,6 +34,7 @@ from micronet_score.models.pyramidnet import LayerFactory, PyramidNet, cifar_exa
 from micronet_score.models.registry import ModelSpec, register
 from torch import Tensor, nn
 
+from micronet_score.checkpoint import check_state_dict
 from micronet_score.errors import MicronetError
 
 QUANT_PREFIX = "quant_net."
@@ -239,27 +240,12 @@ def build(config: Mapping[str, Any]) -> nn.Module:
     return net
 
 
-def check_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Every key of the built model present with its shape, and nothing else; all problems in one message."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    problems = [f"missing {key} {list(shape)}" for key, shape in expected.items() if key not in state]
-    problems += [
-        f"{key} has shape {list(state[key].shape)}, expected {list(shape)}"
-        for key, shape in expected.items()
-        if key in state and tuple(state[key].shape) != shape
-    ]
-    problems += [f"unexpected key {key}" for key in state if key not in expected]
-    if problems:
-        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise MicronetError(f"invalid Wave Computing PyramidNet checkpoint ({len(problems)} problems): {shown}")
-
-
 def load_wave_pyramidnet(state: Mapping[str, Tensor]) -> nn.Module:
     """The evaluation-mode network of a sparse, BN-merged or quantized Wave checkpoint (a plain state dict)."""
     config = config_from_state_dict(state)
     with torch.device("meta"):
         model = build(config)
-    check_state_dict(model, state)
+    check_state_dict(model, state, "the Wave Computing PyramidNet checkpoint")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -138,8 +138,17 @@ def test_bad_wave_checkpoints_list_the_problems(sparse):
     with pytest.raises(MicronetError) as err:
         wave_pyramidnet.load_wave_pyramidnet(broken)
     message = str(err.value)
-    assert "missing layer1.3.bn2.running_var [25]" in message
-    assert "layer1.4.conv2.basis.sequential.2.conv.weight has shape [5, 5, 1, 1]" in message
-    assert "unexpected key stray" in message
+    assert "1 missing: layer1.3.bn2.running_var [25]" in message
+    assert "1 misshapen: layer1.4.conv2.basis.sequential.2.conv.weight [5, 5, 1, 1] (expected [" in message
+    assert "1 unexpected: stray" in message
     with pytest.raises(MicronetError, match="not a Wave Computing"):
         wave_pyramidnet.load_wave_pyramidnet({"conv1.weight": torch.zeros(16, 3, 3, 3)})
+
+
+def test_bad_wave_checkpoints_list_every_key_however_many(sparse):
+    gone = [key for key in sparse if key.endswith("running_var")][:25]
+    broken = {k: v for k, v in sparse.items() if k not in gone}
+    with pytest.raises(MicronetError) as err:
+        wave_pyramidnet.load_wave_pyramidnet(broken)
+    message = str(err.value)
+    assert f"{len(gone)} missing:" in message and all(key in message for key in gone)

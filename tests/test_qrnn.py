@@ -170,9 +170,9 @@ def test_bad_checkpoints_list_every_problem_in_one_message():
     with pytest.raises(MicronetError) as err:
         qrnn.load_qrnn(ckpt, splits=SMALL["splits"])
     message = str(err.value)
-    assert "missing decoder.bias" in message
-    assert "rnns.1.linear.module.bias has shape [7], expected [30]" in message
-    assert "unexpected key extra.weight" in message
+    assert "1 missing: decoder.bias [" in message
+    assert "1 misshapen: rnns.1.linear.module.bias [7] (expected [30])" in message
+    assert "1 unexpected: extra.weight" in message
 
 
 def test_untied_decoder_and_unknown_splits_are_refused():
