@@ -73,9 +73,7 @@ PICKLE_HINT = (
 def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True`` onto the CPU (arbitrary unpickling only with ``trust_pickle``);
     one clear error for a missing, empty, damaged or unsafe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise MicronetError(f"checkpoint not found: {path}")
+    path = _checkpoint_file(path)
     if path.stat().st_size == 0:
         raise MicronetError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
@@ -86,6 +84,16 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
         raise MicronetError(f"{path}: not a PyTorch checkpoint, or damaged ({_first_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated or corrupted archives
         raise MicronetError(f"{path}: not a PyTorch checkpoint, or damaged ({_first_line(exc)})") from None
+
+
+def _checkpoint_file(path: str | os.PathLike) -> Path:
+    """The path of an existing checkpoint file, or one clear error (a directory is not one)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MicronetError(f"{path}: a directory, not a checkpoint file")
+    if not path.is_file():
+        raise MicronetError(f"checkpoint not found: {path}")
+    return path
 
 
 def _first_line(exc: BaseException) -> str:
@@ -330,8 +338,7 @@ def load_model(
 
 def _load_exported(path: Path, device: str | torch.device) -> LoadedModel:
     """A ``torch.export`` program: its graph module and the example inputs it was exported with."""
-    if not path.is_file():
-        raise MicronetError(f"checkpoint not found: {path}")
+    _checkpoint_file(path)
     try:
         program = torch.export.load(path)
     except Exception as exc:  # noqa: BLE001 - damaged archives raise many types

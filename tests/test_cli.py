@@ -252,3 +252,11 @@ def test_eval_image_model_on_a_cifar_archive(cli, tmp_path):
     assert report["quality"]["qualifies"] is False and report["samples"] == 20
     one = _json(cli, "count", str(path), "--json")  # one example image: per-image work is the same
     assert report["mults"] == pytest.approx(one["mults"]) and report["params"] == one["params"]
+
+
+def test_directory_as_checkpoint_is_one_line(cli, tmp_path):
+    for name in ("folder", "folder.pt2"):
+        (tmp_path / name).mkdir()
+        code, out, err = cli("count", str(tmp_path / name))
+        assert code == 2 and "a directory, not a checkpoint file" in " ".join(err.split())
+        assert "Traceback" not in out + err
