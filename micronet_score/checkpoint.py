@@ -13,6 +13,7 @@ A state dict that does not fit the model fails with one error listing every miss
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -339,10 +340,15 @@ def load_model(
 def _load_exported(path: Path, device: str | torch.device) -> LoadedModel:
     """A ``torch.export`` program: its graph module and the example inputs it was exported with."""
     _checkpoint_file(path)
+    logger = logging.getLogger("torch.export")  # it logs a traceback on stderr for a file that is no program
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         program = torch.export.load(path)
     except Exception as exc:  # noqa: BLE001 - damaged archives raise many types
         raise MicronetError(f"{path}: not a torch.export program, or damaged ({_first_line(exc)})") from None
+    finally:
+        logger.setLevel(level)
     args, kwargs = program.example_inputs or ((), {})
     if kwargs:
         raise MicronetError(f"{path}: exported with keyword inputs ({', '.join(kwargs)}); export with positional ones")

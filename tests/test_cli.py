@@ -260,3 +260,18 @@ def test_directory_as_checkpoint_is_one_line(cli, tmp_path):
         code, out, err = cli("count", str(tmp_path / name))
         assert code == 2 and "a directory, not a checkpoint file" in " ".join(err.split())
         assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("content", [b"hello", None])
+def test_pt2_that_is_no_export_is_one_line(tmp_path, content):
+    """torch.export.load logs the deserialising traceback on stderr; the CLI shows only its own line."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.pt2"
+    path.write_bytes(content if content is not None else CKPT.read_bytes())  # a zip archive, but no program
+    result = subprocess.run([sys.executable, "-m", "micronet_score", "count", str(path)], capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert "not a torch.export program" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
