@@ -275,3 +275,10 @@ def test_pt2_that_is_no_export_is_one_line(tmp_path, content):
     assert result.returncode == 2
     assert "not a torch.export program" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_data_file_for_a_language_model_is_one_line(cli):
+    test_file = DATA / "wiki.test.tokens"
+    code, out, err = cli("eval", str(CKPT), "--config", str(CONFIG), "--data", str(test_file))
+    assert code == 2 and "a file; a language model's --data is the directory" in " ".join(err.split())
+    assert "Traceback" not in out + err

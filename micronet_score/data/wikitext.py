@@ -40,6 +40,9 @@ def split_file(data_dir: str | os.PathLike, split: str) -> Path:
     if split not in SPLITS:
         raise MicronetError(f"unknown split {split!r} (splits: {', '.join(SPLITS)})")
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise MicronetError(f"{data_dir}: a file; a language model's --data is the directory with wiki.{{train,valid,"
+                            "test}.tokens")
     if not data_dir.is_dir():
         raise MicronetError(f"data directory not found: {data_dir}")
     path = data_dir / f"wiki.{split}.tokens"
