@@ -177,14 +177,14 @@ def _read_source(name_or_path: str | Path) -> tuple[str, str]:
         if not path.is_file():
             raise RuleError(text_name, None, "no such file")
         try:
-            return text_name, path.read_text(encoding="utf-8")
+            return text_name, path.read_text(encoding="utf-8-sig")  # a BOM, as some editors write, is not TOML
         except (OSError, UnicodeDecodeError) as exc:
             raise RuleError(text_name, None, f"cannot read it ({exc})") from None
     if text_name not in bundled_rule_names():
         known = ", ".join(bundled_rule_names())
         raise RuleError(text_name, None, f"no bundled rule set of that name (bundled: {known}; or give a .toml file)")
     resource = resources.files("micronet_score.rules") / f"{text_name}.toml"
-    return f"{text_name} (bundled)", resource.read_text(encoding="utf-8")
+    return f"{text_name} (bundled)", resource.read_text(encoding="utf-8-sig")
 
 
 def load_rules(name_or_path: str | Path | RuleSet = DEFAULT_RULES) -> RuleSet:

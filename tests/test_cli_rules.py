@@ -58,3 +58,12 @@ def test_python_dash_m_entry_point():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["unit_bits"] == 32
+
+
+def test_rule_file_with_a_byte_order_mark_loads(cli, tmp_path):
+    """Editors on Windows save UTF-8 with a BOM; tomllib refuses it, the rule loader reads past it."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + BUNDLED.read_bytes())
+    code, out, err = cli("rules", str(path), "--json")
+    assert code == 0, err
+    assert json.loads(out)["tracks"]["wikitext103"]["baseline_flops"] == 318e6
