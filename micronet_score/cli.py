@@ -13,6 +13,11 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
+try:  # typer 0.2x vendors click; older typer uses click itself
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - typer < 0.20
+    from click.exceptions import UsageError
+
 from micronet_score import __version__, breakdown
 from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import resolve_device
@@ -47,6 +52,11 @@ class _Group(TyperGroup):
             if ctx.params.get("debug"):
                 traceback.print_exc()
             error_console().print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except UsageError as exc:  # a bad flag or value (--bits 0): the same one line, with where to find usage
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            error_console().print(f"[bold red]error:[/] {escape(exc.format_message())} (see {where} --help)",
+                                  highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
 

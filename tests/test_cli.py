@@ -282,3 +282,18 @@ def test_data_file_for_a_language_model_is_one_line(cli):
     code, out, err = cli("eval", str(CKPT), "--config", str(CONFIG), "--data", str(test_file))
     assert code == 2 and "a file; a language model's --data is the directory" in " ".join(err.split())
     assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("count", str(CKPT), "--bits", "0"), "Invalid value for '--bits'"),
+        (("eval", "--act-bits", "33"), "Invalid value for '--act-bits'"),
+        (("count",), "Missing argument"),
+        (("eval", "--bogus"), "No such option: --bogus"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(cli, args, needle):
+    code, out, err = cli(*args)
+    assert code == 2
+    assert needle in err and "--help" in err and len(err.strip().splitlines()) == 1, err
