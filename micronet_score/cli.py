@@ -51,7 +51,7 @@ class _Group(TyperGroup):
         except MicronetError as exc:
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            error_console().print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            error_console().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except UsageError as exc:  # a bad flag or value (--bits 0): the same one line, with where to find usage
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path

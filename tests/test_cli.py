@@ -297,3 +297,8 @@ def test_bad_flags_are_one_line_and_exit_2(cli, args, needle):
     code, out, err = cli(*args)
     assert code == 2
     assert needle in err and "--help" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_error_text_is_not_read_as_markup(cli):
+    code, _, err = cli("count", "[red]/nope.pt")
+    assert code == 2 and "checkpoint not found: [red]/nope.pt" in err
