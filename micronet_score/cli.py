@@ -453,7 +453,7 @@ def _emit(report: Report, as_json: bool, title: str) -> None:
     else:
         render_report(report, title, console())
         for warning in report.warnings:
-            error_console().print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+            error_console().print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 def main() -> None:

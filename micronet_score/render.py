@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from micronet_score.audit import AuditReport
@@ -219,6 +220,6 @@ def render_audit(report: AuditReport, out: Console) -> None:
     for activation in report.activations:
         out.print(f"activation quantizer {activation.name or '<root>'} ({activation.source}): {activation.bits} bits")
     for violation in report.violations:
-        out.print(f"[yellow]violation[/] ({violation.kind}): {violation.message}")
+        out.print(f"[yellow]violation[/] ({violation.kind}): {escape(violation.message)}")
     if not report.violations:
         out.print("[green]the declared widths hold[/]")
