@@ -322,3 +322,27 @@ def test_op_missing_from_rule_set_is_listed(tmp_path):
     r = ms.count(nn.GELU(), X, rules=custom)
     assert r.uncounted and "gelu" in r.uncounted[0].op
     assert r.mults == 0
+
+
+def test_writes_are_free_but_accumulating_writes_are_priced():
+    idx = torch.tensor([0, 2, 2])
+    vals = torch.ones(3, 256)
+    assert counts(Fn(lambda mods, x: x[0].index_put((idx,), vals)), X) == (0, 0, 0)
+    assert counts(Fn(lambda mods, x: x[0].index_put((idx,), vals, accumulate=True)), X) == (0, 3 * 256, 0)
+    index = torch.zeros(1, 97, 256, dtype=torch.long)
+    assert counts(Fn(lambda mods, x: torch.zeros_like(x).scatter(0, index, x)), X) == (0, 0, 0)
+    assert counts(Fn(lambda mods, x: torch.zeros_like(x).scatter(0, index, x, reduce="add")), X) == (0, E, 0)
+    assert counts(Fn(lambda mods, x: torch.ones_like(x).scatter(0, index, x, reduce="multiply")), X) == (E, 0, 0)
+
+
+def test_ops_that_compare_or_sum_are_not_free():
+    """col2im (fold) sums overlapping patches, nonzero and equal compare every element: listed as uncounted."""
+    cols = torch.randn(1, 16 * 9, 30 * 30)
+    for fn, name in (
+        (lambda mods, x: F.fold(cols, (32, 32), 3), "col2im"),
+        (lambda mods, x: x.nonzero(), "nonzero"),
+        (lambda mods, x: x.sum() if torch.equal(x, x) else x, "equal"),
+    ):
+        r = ms.count(Fn(fn), X)
+        assert any(name in u.op for u in r.uncounted), (name, r.uncounted)
+

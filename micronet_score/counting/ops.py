@@ -395,6 +395,25 @@ def keeping(handler: Handler) -> Handler:
     return wrapped
 
 
+def _index_put(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+    """index_put(x, indices, values, accumulate): a write (free); accumulating, an add per value."""
+    if args[3] if len(args) > 3 else kwargs.get("accumulate", False):
+        ctx.record(costs.elementwise(ctx.prices, "add", _numel(args[2])), _tensors((args[0], args[2])))
+
+
+def _scatter(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+    """scatter(x, dim, index, src, reduce=None): a write (free); reduce='add'/'multiply', an add or a multiply per
+    index element."""
+    reduce = args[4] if len(args) > 4 else kwargs.get("reduce")
+    if reduce is None:
+        return
+    family = {"add": "add", "multiply": "mul"}.get(reduce)
+    if family is None:
+        ctx.unpriced(f"aten.scatter(reduce={reduce!r})", out)
+    else:
+        ctx.record(costs.elementwise(ctx.prices, family, _numel(args[2])), _tensors(args))
+
+
 def _move(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
     if ctx.marks.used:
         ctx.moved(args, out)
@@ -605,6 +624,8 @@ _put(
     "expand_as",
 )
 _put(_copy, "clone", "_to_copy", "lift_fresh_copy", "_reshape_copy")
+_put(_index_put, "index_put", "index_put_")
+_put(_scatter, "scatter", "scatter_")
 
 FREE = frozenset(
     _packets(
@@ -630,15 +651,10 @@ FREE = frozenset(
         "normal_",
         "index_copy",
         "index_copy_",
-        "nonzero",
-        "scatter",
-        "index_put",
-        "index_put_",
         "dropout",
         "native_dropout",
         "scalar_tensor",
         "im2col",
-        "col2im",
         "resize_",
         "set_",
         "detach_",
@@ -654,7 +670,6 @@ FREE = frozenset(
         "sym_stride",
         "sym_numel",
         "is_nonzero",
-        "equal",
         "clone_",
         "as_strided_",
         "t_",
@@ -672,4 +687,6 @@ FREE = frozenset(
         "resolve_neg",
     )
 )
-"""Data movement, lookups and tensor creation: free under the rules (no arithmetic)."""
+"""Data movement, lookups and tensor creation: free under the rules (no arithmetic). Not here, because they
+compute: col2im (sums overlapping patches), nonzero and equal (compare every element), index_put with accumulate
+and scatter with reduce (priced above, or reported as uncounted)."""
