@@ -18,7 +18,7 @@ from torch import nn
 import micronet_score as ms
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import interleaved  # noqa: E402  (same folder: run as a script)
+from timing import interleaved
 
 
 def median_seconds(fn, repeats: int) -> float:

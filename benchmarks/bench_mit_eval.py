@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from micronet_score.models.mit_lm import MitLM, MitLMConfig, example_tokens
 
 from micronet_score import Counter
 from micronet_score.evaluate_lm import evaluate_stream
-from micronet_score.models.mit_lm import MitLM, MitLMConfig, example_tokens
 
 TEST_PREDICTIONS = 245_568
 

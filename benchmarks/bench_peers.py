@@ -40,9 +40,9 @@ from torch import nn
 import micronet_score as ms
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_mit_eval import build as build_full_size_mit_lm  # noqa: E402  (same folder: run as a script)
-from machine import cpu_name  # noqa: E402
-from timing import interleaved  # noqa: E402  (same folder: run as a script)
+from bench_mit_eval import build as build_full_size_mit_lm
+from machine import cpu_name
+from timing import interleaved
 
 RESULTS = Path(__file__).parent / "results" / "peers.json"
 KEYS = ["measure", "count", "shape_only", "shape_only_warm", "fvcore", "flop_counter"]

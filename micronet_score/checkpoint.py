@@ -83,7 +83,7 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise MicronetError(f"{path}: not loaded: {PICKLE_HINT}") from None
         raise MicronetError(f"{path}: not a PyTorch checkpoint, or damaged ({_first_line(exc)})") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated or corrupted archives
+    except Exception as exc:
         raise MicronetError(f"{path}: not a PyTorch checkpoint, or damaged ({_first_line(exc)})") from None
 
 
@@ -257,7 +257,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     missing = [k for k in ("model", "config", "state_dict") if k not in obj]
     if missing:
         raise MicronetError(f"{path}: micronet-score checkpoint without {', '.join(missing)}")
-    return Checkpoint(obj["model"], dict(obj["config"]), _tensors(obj["state_dict"], str(path)), dict(obj.get("meta") or {}))
+    state_dict = _tensors(obj["state_dict"], str(path))
+    return Checkpoint(obj["model"], dict(obj["config"]), state_dict, dict(obj.get("meta") or {}))
 
 
 def _settings(spec, stated: Mapping[str, Any]) -> dict[str, Any]:
@@ -276,7 +277,7 @@ def recognise(state_dict: Mapping[str, Tensor], stated: Mapping[str, Any] | None
             continue
         try:
             spec.config_from_state_dict(state_dict, **_settings(spec, stated or {}))
-        except Exception:  # noqa: BLE001 - an architecture that does not recognise the keys
+        except Exception:
             continue
         accepted.append(name)
     if len(accepted) != 1:
@@ -331,7 +332,7 @@ def load_model(
             load_weights(net, state_dict, source)
     except MicronetError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a state dict the architecture's code cannot take
+    except Exception as exc:
         raise MicronetError(f"{source}: does not load as {spec.name} ({_first_line(exc)})") from None
     net.to(device).eval()
     return LoadedModel(spec.name, net, cfg, {"source": source, **meta})
@@ -345,7 +346,7 @@ def _load_exported(path: Path, device: str | torch.device) -> LoadedModel:
     logger.setLevel(logging.ERROR)
     try:
         program = torch.export.load(path)
-    except Exception as exc:  # noqa: BLE001 - damaged archives raise many types
+    except Exception as exc:
         raise MicronetError(f"{path}: not a torch.export program, or damaged ({_first_line(exc)})") from None
     finally:
         logger.setLevel(level)

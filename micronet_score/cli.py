@@ -7,7 +7,7 @@ import sys
 import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -23,8 +23,8 @@ from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import resolve_device
 from micronet_score.render import (
     console,
-    render_audit,
     error_console,
+    render_audit,
     render_breakdown,
     render_comparison,
     render_models,
@@ -119,28 +119,28 @@ def rules_command(
 # --- options shared by the measuring commands ---------------------------------------------------------------
 
 Rules = Annotated[str, typer.Option("--rules", help="Rule set: a bundled name or a .toml file.")]
-Track = Annotated[Optional[str], typer.Option("--track", help="imagenet, cifar100 or wikitext103 (default: the "
+Track = Annotated[str | None, typer.Option("--track", help="imagenet, cifar100 or wikitext103 (default: the "
                                                               "bundled model's track).")]
-Bits = Annotated[Optional[int], typer.Option("--bits", min=1, max=32, help="Declared weight width in bits.")]
-ActBits = Annotated[Optional[int], typer.Option("--act-bits", min=1, max=32, help="Declared activation width.")]
+Bits = Annotated[int | None, typer.Option("--bits", min=1, max=32, help="Declared weight width in bits.")]
+ActBits = Annotated[int | None, typer.Option("--act-bits", min=1, max=32, help="Declared activation width.")]
 Freebie = Annotated[bool, typer.Option("--freebie", help="Unquantized entry: params and mults at 16 bits, "
                                                          "adds at 32.")]
 Strict = Annotated[bool, typer.Option("--strict", help="Fail if any op has no price in the rule set.")]
-Config = Annotated[Optional[Path], typer.Option("--config", help="The authors' config.yaml (cache size, theta, "
+Config = Annotated[Path | None, typer.Option("--config", help="The authors' config.yaml (cache size, theta, "
                                                                  "lambda, bits...).")]
-ModelName = Annotated[Optional[str], typer.Option("--model", help="Bundled architecture of a raw state dict "
+ModelName = Annotated[str | None, typer.Option("--model", help="Bundled architecture of a raw state dict "
                                                                   "(see `micronet-score models`).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow a fully pickled model (runs code from "
                                                                   "the file).")]
-Data = Annotated[Optional[Path], typer.Option("--data", help="Test data: a WikiText directory, the CIFAR-100 "
+Data = Annotated[Path | None, typer.Option("--data", help="Test data: a WikiText directory, the CIFAR-100 "
                                                              "test file/folder, or an ImageNet image folder.")]
 Split = Annotated[str, typer.Option("--split", help="WikiText split to evaluate.")]
-LimitTokens = Annotated[Optional[int], typer.Option("--limit-tokens", min=1, help="Stop after N predictions "
+LimitTokens = Annotated[int | None, typer.Option("--limit-tokens", min=1, help="Stop after N predictions "
                                                                                   "(a quick look).")]
-Vocab = Annotated[Optional[Path], typer.Option("--vocab", help="Vocabulary file (the authors' sorted_vocab.npy "
+Vocab = Annotated[Path | None, typer.Option("--vocab", help="Vocabulary file (the authors' sorted_vocab.npy "
                                                                "or one word per line).")]
-Labels = Annotated[Optional[Path], typer.Option("--labels", help="ImageNet labels file for an image folder.")]
+Labels = Annotated[Path | None, typer.Option("--labels", help="ImageNet labels file for an image folder.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")]
 ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes on a meta copy, computing nothing "
                                                               "(same totals; not for data-dependent models).")]
@@ -193,7 +193,7 @@ def _progress(as_json: bool) -> bool | None:
 
 @app.command("eval")
 def eval_command(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint (default: the bundled demo).")] = None,
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (default: the bundled demo).")] = None,
     data: Data = None,
     split: Split = "test",
     bits: Bits = None,
@@ -295,9 +295,9 @@ class Format(str, Enum):
 def breakdown_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
     by: Annotated[By, typer.Option("--by", help="One row per module or per op family.")] = By.module,
-    depth: Annotated[Optional[int], typer.Option("--depth", min=0, help="Sum modules up to this path depth.")] = None,
-    sort: Annotated[Optional[SortBy], typer.Option("--sort", help="Sort rows by operations, params or name.")] = None,
-    top: Annotated[Optional[int], typer.Option("--top", min=1, help="Keep the K first rows.")] = None,
+    depth: Annotated[int | None, typer.Option("--depth", min=0, help="Sum modules up to this path depth.")] = None,
+    sort: Annotated[SortBy | None, typer.Option("--sort", help="Sort rows by operations, params or name.")] = None,
+    top: Annotated[int | None, typer.Option("--top", min=1, help="Keep the K first rows.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="table, json, csv or md.")] = Format.table,
     data: Data = None,
     split: Split = "test",
@@ -377,7 +377,7 @@ def audit_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
     bits: Bits = None,
     act_bits: ActBits = None,
-    block: Annotated[Optional[str], typer.Option("--block", help="Declared block sparsity, ROWSxCOLS (e.g. 4x4).")] = None,
+    block: Annotated[str | None, typer.Option("--block", help="Declared block sparsity, ROWSxCOLS (e.g. 4x4).")] = None,
     rules: Rules = DEFAULT_RULES,
     config: Config = None,
     model: ModelName = None,

@@ -21,7 +21,8 @@ def error_console() -> Console:
 
 
 def _cost(cost: Cost) -> str:
-    parts = [f"{value:g} {name}" for name, value in (("mult", cost.mults), ("add", cost.adds), ("other", cost.others)) if value]
+    named = (("mult", cost.mults), ("add", cost.adds), ("other", cost.others))
+    parts = [f"{value:g} {name}" for name, value in named if value]
     return ", ".join(parts) or "free"
 
 

@@ -119,7 +119,7 @@ def _measuring(loaded: LoadedModel, counter: Counter, total: float | None = None
         raise Interrupted(counter.samples, total, counter.per, report) from None
     except MicronetError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever the model's own code raises
+    except Exception as exc:
         text = str(exc).strip().splitlines()
         raise MicronetError(f"{loaded.name}: the model's forward failed ({type(exc).__name__}"
                             + (f": {text[0]}" if text else "") + ")") from exc

@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from micronet_score.models._sliding_window import SlidingWindow
+from micronet_score.models.registry import ModelSpec, register
 from torch import Tensor, nn
 
 from micronet_score.errors import MicronetError
-from micronet_score.models._sliding_window import SlidingWindow
-from micronet_score.models.registry import ModelSpec, register
 
 BEST_CACHE_THETA = 0.02021162425847724
 BEST_CACHE_LAMBDA = 0.15391452339546033

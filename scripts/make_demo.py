@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from micronet_score.models.mit_lm import MitLM, MitLMConfig
 
 from micronet_score.data.wikitext import Vocabulary, load_split
 from micronet_score.evaluate_lm import evaluate_stream
-from micronet_score.models.mit_lm import MitLM, MitLMConfig
 
 BITS = 9
 ARCH = dict(n_layers=2, n_embed=64, n_embeds=[64, 16, 4], n_head=2, n_k=16, n_v=16, n_inner=128, n_seq=32)
@@ -140,7 +140,8 @@ def main() -> None:
                 if k.endswith(".max_abs"):
                     net[k] = torch.tensor([ranges[k[: -len(".max_abs")]]])
                 elif k.endswith(".inv_scale"):
-                    net[k] = truncate_mantissa(torch.tensor(ranges[k[: -len(".inv_scale")]] / (2 ** (BITS - 1) - 1)), BITS)
+                    scale = ranges[k[: -len(".inv_scale")]] / (2 ** (BITS - 1) - 1)
+                    net[k] = truncate_mantissa(torch.tensor(scale), BITS)
                 elif k.endswith("pos_emb") or ".ln" in k:
                     net[k] = v.clone()
                 elif k.endswith(".bias"):

@@ -116,7 +116,8 @@ def reference_nll(sd: dict, c: dict, tokens: torch.Tensor, quantized: bool = Tru
                 heads.append(sum(a * v for a, v in zip(alpha, vals)))
             u = Q(p + "quant_attnv", torch.cat(heads))
             y = xs[pos] + w[p + "out.weight"] @ u
-            hid = Q(p + "fc.1", torch.relu(w[p + "fc.0.weight"] @ Q(p + "quant_ln2", ln(p + "ln2", y)) + w[p + "fc.0.bias"]))
+            a = Q(p + "quant_ln2", ln(p + "ln2", y))
+            hid = Q(p + "fc.1", torch.relu(w[p + "fc.0.weight"] @ a + w[p + "fc.0.bias"]))
             new.append(y + Q(p + "fc.4", w[p + "fc.3.weight"] @ hid + w[p + "fc.3.bias"]))
         xs = new
     hs = [Q("quant", x) for x in xs]

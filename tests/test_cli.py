@@ -8,11 +8,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+from micronet_score.models import registry
+from micronet_score.models.mit_lm import demo_paths
 from torch import nn
 
 from micronet_score.checkpoint import save_checkpoint
-from micronet_score.models import registry
-from micronet_score.models.mit_lm import demo_paths
 
 CKPT, CONFIG, DATA = demo_paths()
 SMALL_WRN = {"depth": 10, "widen": 1, "num_classes": 10}

@@ -61,7 +61,7 @@ def test_lstm_baseline_per_token():
     # n - 1 adds per output + 1 add per bias element (LSTM 2 x 4 x 2048, softmax 267,735; projection has none)
     assert dot.adds + r.family("bias").adds == weights - 512
     assert r.per == "token"
-    assert [l.name for l in r.layers if l.name == "embedding"] == ["embedding"]
+    assert [row.name for row in r.layers if row.name == "embedding"] == ["embedding"]
     assert r.layer("embedding").storage == 267_735 * 512  # tied: counted once
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from micronet_score.models.mobilenet_v2 import MobileNetV2
+from micronet_score.models.wrn import WideResNet
 from torch import nn
 from torch.nn.utils import prune
 
 import micronet_score as ms
 from micronet_score.counting.storage import count_nonzero, count_nonzeros
-from micronet_score.models.mobilenet_v2 import MobileNetV2
-from micronet_score.models.wrn import WideResNet
 
 
 def rows(report: ms.Report) -> list[dict]:

@@ -15,11 +15,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from micronet_score.models import registry
+from micronet_score.models.mit_lm import demo_paths
 
 from micronet_score.checkpoint import load_model, save_checkpoint
 from micronet_score.errors import MicronetError
-from micronet_score.models import registry
-from micronet_score.models.mit_lm import demo_paths
 from micronet_score.ruleset import load_rules
 from micronet_score.scoring import CountOptions, measure_example, measure_lm
 
@@ -193,7 +193,8 @@ def damaged_state_dicts(draw) -> tuple[dict, str, str]:
     else:
         value = value.clone()
         flat = value.view(-1)
-        flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+        bad = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+        flat[draw(st.integers(0, flat.numel() - 1))] = bad
         state[key] = value
     return state, kind, key
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 import yaml
 from _mit_reference import TINY, authors_keys, random_state_dict
+from micronet_score.models.mit_lm import BEST_CACHE_LAMBDA
 
 from micronet_score.checkpoint import load_checkpoint, load_model, save_checkpoint
 from micronet_score.errors import MicronetError
-from micronet_score.models.mit_lm import BEST_CACHE_LAMBDA
 
 FULL = dict(n_layers=8, n_embed=256, n_embeds=[256, 64, 4], cutoffs=[3500, 25000], n_vocab=267735, n_head=8,
             n_k=24, n_v=24, n_inner=768, n_seq=96)

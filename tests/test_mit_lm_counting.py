@@ -7,9 +7,6 @@ differently) than what the model computes, the assertion states the report's fig
 
 import pytest
 import torch
-
-from micronet_score import Counter, count
-from micronet_score.evaluate_lm import evaluate_stream
 from micronet_score.models.mit_lm import (
     TEST_BIN_COUNTS,
     ActivationQuantizer,
@@ -19,6 +16,9 @@ from micronet_score.models.mit_lm import (
     MitLMConfig,
     example_inputs,
 )
+
+from micronet_score import Counter, count
+from micronet_score.evaluate_lm import evaluate_stream
 
 SMALL = dict(n_layers=2, n_embed=16, n_embeds=[16, 8, 4], cutoffs=[20, 50], n_vocab=100, n_head=2, n_k=4, n_v=4,
              n_inner=24, n_seq=5, n_cache=12, cache_theta=0.3, cache_lambda=0.2, bits=9)

@@ -1,11 +1,11 @@
 """The bundled demo: the authors' file format, loads unchanged, and has learnt its corpus."""
 
 import torch
+from micronet_score.models.mit_lm import demo_paths
 
 from micronet_score.checkpoint import load_model
 from micronet_score.data.wikitext import load_split, load_vocabulary
 from micronet_score.evaluate_lm import evaluate_stream
-from micronet_score.models.mit_lm import demo_paths
 
 
 def test_demo_is_in_the_authors_format_and_learnt_its_corpus(tmp_path):

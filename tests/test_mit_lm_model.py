@@ -3,11 +3,11 @@
 import pytest
 import torch
 from _mit_reference import TINY, random_state_dict, reference_nll
+from micronet_score.models import registry
+from micronet_score.models.mit_lm import ActivationQuantizer, MitLM, MitLMConfig, bin_token_counts, example_tokens
 
 from micronet_score.checkpoint import load_weights
 from micronet_score.evaluate_lm import evaluate_stream
-from micronet_score.models import registry
-from micronet_score.models.mit_lm import ActivationQuantizer, MitLM, MitLMConfig, bin_token_counts, example_tokens
 
 
 def tiny_model(quantized=True, dtype=torch.float64, seed=0, **changes):

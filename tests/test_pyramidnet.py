@@ -6,9 +6,9 @@ import pytest
 import torch
 from micronet_score.models import pyramidnet, wave_pyramidnet
 from micronet_score.models.registry import get
+from wave_checkpoints import SHALLOW, merge_batch_norms, quantize_keys, rank, sparse_checkpoint
 
 from micronet_score.errors import MicronetError
-from wave_checkpoints import SHALLOW, merge_batch_norms, quantize_keys, rank, sparse_checkpoint
 
 # The spec's per-stage widths (B.1), first and last blocks of each stage.
 SPEC_WIDTHS = {0: (18, 20, 23, 83), 1: (85, 87, 89, 149), 2: (152, 154, 156, 216)}

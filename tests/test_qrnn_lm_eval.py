@@ -15,10 +15,10 @@ from collections import Counter
 
 import pytest
 import torch
+from micronet_score.models import qrnn
 from test_qrnn import make_checkpoint, reference_log_probs
 
 import micronet_score as ms
-from micronet_score.models import qrnn
 
 SPLITS = [6, 15]
 WORDS = [f"w{i:02d}" for i in range(28)]

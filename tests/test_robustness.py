@@ -14,6 +14,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from micronet_score.models import registry
+from micronet_score.models.mit_lm import MitLM, demo_paths
 from test_counting_behaviour import assert_untouched, snapshot
 from test_images import cifar_pickle, planted
 from test_qrnn import make_checkpoint
@@ -25,8 +27,6 @@ from micronet_score.checkpoint import load_model, save_checkpoint
 from micronet_score.data.wikitext import load_split, load_vocabulary
 from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import evaluate_stream
-from micronet_score.models import registry
-from micronet_score.models.mit_lm import MitLM, demo_paths
 from micronet_score.scoring import CountOptions, Interrupted, measure_example, measure_images, measure_lm
 
 CKPT, CONFIG, DATA = demo_paths()

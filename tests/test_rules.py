@@ -116,7 +116,8 @@ def test_negative_baseline_is_rejected(tmp_path):
 
 
 def test_negative_per_element_price_is_rejected(tmp_path):
-    text = BUNDLED.read_text().replace("[ops.mul]\nper_element = { mults = 1 }", "[ops.mul]\nper_element = { mults = -1 }")
+    mul = "[ops.mul]\nper_element = { mults = 1 }"
+    text = BUNDLED.read_text().replace(mul, mul.replace("mults = 1", "mults = -1"))
     with pytest.raises(RuleError) as err:
         load_rules(_write(tmp_path, text))
     assert err.value.key == "ops.mul"
@@ -141,7 +142,8 @@ def test_missing_file(tmp_path):
 
 def test_user_rule_file_is_used(tmp_path):
     # A historical variant: the pre-2019-08-14 16-bit unit.
-    text = BUNDLED.read_text().replace('name = "micronet-2019"', 'name = "sixteen"').replace("unit_bits = 32", "unit_bits = 16")
+    text = BUNDLED.read_text().replace('name = "micronet-2019"', 'name = "sixteen"')
+    text = text.replace("unit_bits = 32", "unit_bits = 16")
     rules = load_rules(_write(tmp_path, text))
     assert (rules.name, rules.unit_bits) == ("sixteen", 16)
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from _mit_reference import TINY, random_state_dict
+from micronet_score.models.mit_lm import MitLM, MitLMConfig
 
 from micronet_score.checkpoint import load_weights
 from micronet_score.data import wikitext
 from micronet_score.data.wikitext import Vocabulary, load_split, load_vocabulary, words
 from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import evaluate_splits, evaluate_stream
-from micronet_score.models.mit_lm import MitLM, MitLMConfig
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ class MetaCopy:
         memo[id(memo)] = [real_of_meta]  # deepcopy keeps its memo's objects alive under this key
         try:
             copied = _copy_module(model, memo)
-        except Exception as err:  # noqa: BLE001 - any model that cannot be copied
+        except Exception as err:
             raise MicronetError(
                 f"shape-only counting cannot copy the model ({type(err).__name__}: {err}): count without shape_only"
             ) from None

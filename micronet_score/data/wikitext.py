@@ -108,7 +108,9 @@ class Vocabulary:
             try:
                 array = np.load(path, allow_pickle=False)
             except ValueError as exc:
-                raise MicronetError(f"{path}: a vocabulary array must hold strings, not pickled objects ({exc})") from None
+                raise MicronetError(
+                    f"{path}: a vocabulary array must hold strings, not pickled objects ({exc})"
+                ) from None
             return cls(tuple(str(w) for w in array.reshape(-1)))
         return cls(tuple(line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
 
