@@ -530,6 +530,7 @@ _put(reduce("mean"), "mean")
 _put(keeping(reduce("max")), "amax", "amin", "max", "min")
 _put(reduce("max"), "argmax", "argmin")
 _put(reduce("logsumexp"), "logsumexp")
+_put(reduce("comparison"), "nonzero", "equal")  # every input element compared with zero / with the other
 _put(pool("avg_pool", 2), "avg_pool2d")
 _put(pool("avg_pool", 3), "avg_pool3d")
 _put(keeping(pool("max_pool", 1)), "max_pool1d")
