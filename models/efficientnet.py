@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from micronet_score.models.registry import ModelSpec, register
+from micronet_score.models.registry import ModelSpec, image_of, register
 from torch import Tensor, nn
 
 # (expansion, kernel, stride, output channels, repeats) per stage, for width and depth multipliers 1.0.
@@ -103,11 +103,6 @@ def build(config: Mapping[str, Any]) -> EfficientNet:
     return EfficientNet(config["num_classes"], config["stem"], config["head"], config["se_ratio"])
 
 
-def imagenet_example_inputs(model: nn.Module) -> tuple[Tensor]:
-    """One ImageNet image, 1x3x224x224."""
-    return (torch.zeros(1, 3, 224, 224),)
-
-
 register(
     ModelSpec(
         name="efficientnet-b0",
@@ -115,7 +110,7 @@ register(
         track="imagenet",
         build=build,
         default_config=DEFAULT_CONFIG,
-        example_inputs=imagenet_example_inputs,
+        example_inputs=image_of("imagenet"),
         aliases=("efficientnet",),
     )
 )

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from micronet_score.models.registry import ModelSpec, register
+from micronet_score.models.registry import ModelSpec, image_of, register
 from torch import nn
 
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -77,7 +77,7 @@ register(
         track="imagenet",
         build=build,
         default_config={"width": 1.4, "num_classes": 1000},
-        example_inputs=lambda model: (torch.randn(1, 3, 224, 224),),
+        example_inputs=image_of("imagenet"),
         aliases=("mobilenetv2",),
     )
 )

@@ -19,8 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from micronet_score.models.registry import ModelSpec, register
+from micronet_score.models.registry import ModelSpec, image_of, register
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -136,11 +135,6 @@ def build(config: Mapping[str, Any]) -> PyramidNet:
     return PyramidNet(config["depth"], config["alpha"], config["num_classes"])
 
 
-def cifar_example_inputs(model: nn.Module) -> tuple[Tensor]:
-    """One CIFAR image, 1x3x32x32."""
-    return (torch.zeros(1, 3, 32, 32),)
-
-
 register(
     ModelSpec(
         name="pyramidnet-272",
@@ -148,7 +142,7 @@ register(
         track="cifar100",
         build=build,
         default_config=DEFAULT_CONFIG,
-        example_inputs=cifar_example_inputs,
+        example_inputs=image_of("cifar100"),
         aliases=("pyramidnet",),
     )
 )

@@ -40,6 +40,22 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
 
 
+def image_of(track: str) -> Callable[[Any], tuple]:
+    """Example inputs of an image track: one image of the input shape the bundled rule set gives the track."""
+    from micronet_score.ruleset import load_rules
+
+    shape = load_rules().track(track).input_shape
+    if not shape:
+        raise ValueError(f"track {track!r} has no input_shape in the bundled rule set")
+
+    def example_inputs(model: Any) -> tuple:
+        import torch
+
+        return (torch.zeros(*shape),)
+
+    return example_inputs
+
+
 def register(spec: ModelSpec) -> ModelSpec:
     for key in (spec.name, *spec.aliases):
         if key in _REGISTRY and _REGISTRY[key] is not spec:

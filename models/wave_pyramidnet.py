@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from micronet_score.models.pyramidnet import LayerFactory, PyramidNet, cifar_example_inputs
-from micronet_score.models.registry import ModelSpec, register
+from micronet_score.models.pyramidnet import LayerFactory, PyramidNet
+from micronet_score.models.registry import ModelSpec, image_of, register
 from torch import Tensor, nn
 
 from micronet_score.checkpoint import check_state_dict
@@ -258,7 +258,7 @@ register(
         build=build,
         default_config=DEFAULT_CONFIG,
         config_from_state_dict=config_from_state_dict,
-        example_inputs=cifar_example_inputs,
+        example_inputs=image_of("cifar100"),
         load=load_wave_pyramidnet,
         aliases=("wavecomp-pyramidnet",),
     )

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from micronet_score.models.registry import ModelSpec, register
+from micronet_score.models.registry import ModelSpec, image_of, register
 from torch import nn
 
 
@@ -69,7 +69,7 @@ register(
         track="cifar100",
         build=build,
         default_config={"depth": 28, "widen": 10, "num_classes": 100},
-        example_inputs=lambda model: (torch.randn(1, 3, 32, 32),),
+        example_inputs=image_of("cifar100"),
         aliases=("wrn",),
     )
 )
