@@ -181,22 +181,17 @@ def _mkldnn_rnn_layer(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) ->
     ctx.record(bill, (x, w_ih))
 
 
-def _fused_lstm_cell(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
-    gates = args[0]
-    hidden = gates.shape[-1] // 4
-    bill = costs.lstm_cells(ctx.prices, gates.numel() // gates.shape[-1], hidden)
-    if len(args) > 3 and args[3] is not None:
-        bill += costs.bias(ctx.prices, 2 * gates.numel())
-    ctx.record(bill, (gates,))
+def fused_cell(gates_per_unit: int, cells: Callable[..., costs.Bill]) -> Handler:
+    """A fused recurrent cell on precomputed gate pre-activations: the cell's work, plus both biases if given."""
 
+    def handler(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
+        gates = args[0]
+        bill = cells(ctx.prices, gates.numel() // gates.shape[-1], gates.shape[-1] // gates_per_unit)
+        if len(args) > 3 and args[3] is not None:
+            bill += costs.bias(ctx.prices, 2 * gates.numel())
+        ctx.record(bill, (gates,))
 
-def _fused_gru_cell(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
-    gates = args[0]
-    hidden = gates.shape[-1] // 3
-    bill = costs.gru_cells(ctx.prices, gates.numel() // gates.shape[-1], hidden)
-    if len(args) > 3 and args[3] is not None:
-        bill += costs.bias(ctx.prices, 2 * gates.numel())
-    ctx.record(bill, (gates,))
+    return handler
 
 
 # --- elementwise ------------------------------------------------------------------------------------------
@@ -454,8 +449,8 @@ _put(_efficient_forward, "_efficient_attention_forward")
 _put(_native_mha, "_native_multi_head_attention")
 _put(_encoder_layer, "_transformer_encoder_layer_fwd")
 _put(_mkldnn_rnn_layer, "mkldnn_rnn_layer")
-_put(_fused_lstm_cell, "_thnn_fused_lstm_cell")
-_put(_fused_gru_cell, "_thnn_fused_gru_cell")
+_put(fused_cell(4, costs.lstm_cells), "_thnn_fused_lstm_cell")
+_put(fused_cell(3, costs.gru_cells), "_thnn_fused_gru_cell")
 
 _put(_add, "add", "add_")
 _put(elementwise("sub"), "sub", "sub_", "rsub")
