@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - typer < 0.20
 from micronet_score import __version__, breakdown
 from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import resolve_device
+from micronet_score.options import CountOptions
 from micronet_score.render import (
     console,
     error_console,
@@ -33,7 +34,7 @@ from micronet_score.render import (
 )
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES, bundled_rule_names, load_rules
-from micronet_score.scoring import CountOptions, Interrupted, measure_example, measure_images, measure_lm, track_of
+from micronet_score.scoring import Interrupted, measure_example, measure_images, measure_lm, track_of
 
 
 class _Group(TyperGroup):
@@ -128,8 +129,14 @@ Freebie = Annotated[bool, typer.Option("--freebie", help="Unquantized entry: par
 Strict = Annotated[bool, typer.Option("--strict", help="Fail if any op has no price in the rule set.")]
 Config = Annotated[Path | None, typer.Option("--config", help="The authors' config.yaml (cache size, theta, "
                                                                  "lambda, bits...).")]
-ModelName = Annotated[str | None, typer.Option("--model", help="Bundled architecture of a raw state dict "
-                                                                  "(see `micronet-score models`).")]
+ModelName = Annotated[str | None, typer.Option("--model", help="Architecture of a state dict or safetensors file: "
+                                                                  "a bundled name (see `micronet-score models`) or "
+                                                                  "your own package.module:factory.")]
+ModelArgs = Annotated[str | None, typer.Option("--model-args", help="Keyword arguments of your factory, as a JSON "
+                                                                    "object: '{\"width\": 64}'.")]
+Inputs = Annotated[list[str] | None, typer.Option("--input", help="Example input to count on: a float tensor "
+                                                                  "1x3x224x224, or token ids ids:1x128; repeat "
+                                                                  "for several arguments.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow a fully pickled model (runs code from "
                                                                   "the file).")]
@@ -148,21 +155,28 @@ ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes
 
 def _options(rules: str, track: str | None, bits: int | None, act_bits: int | None, freebie: bool,
              strict: bool) -> CountOptions:
-    return CountOptions(rules=load_rules(rules), track=track, bits=bits, act_bits=act_bits, freebie=freebie,
-                        strict=strict)
+    """The options, with the rule set read and the track checked before any model is loaded."""
+    options = CountOptions(rules=load_rules(rules), track=track, bits=bits, act_bits=act_bits, freebie=freebie,
+                           strict=strict)
+    options.track_name()
+    return options
 
 
-def _load(checkpoint: Path | None, model: str | None, config: Path | None, device: str, trust_pickle: bool):
+def _load(checkpoint: Path | None, model: str | None, config: Path | None, device: str, trust_pickle: bool,
+          model_args: str | None = None):
     from micronet_score.checkpoint import load_model
 
     return load_model(checkpoint, model=model, config=config, device=resolve_device(device),
-                      trust_pickle=trust_pickle)
+                      trust_pickle=trust_pickle, model_args=model_args)
 
 
 def _measure(loaded, options: CountOptions, data: Path | None, split: str, limit_tokens: int | None,
-             vocab: Path | None, labels: Path | None, device: str, progress: bool | None) -> Report:
+             vocab: Path | None, labels: Path | None, device: str, progress: bool | None,
+             inputs: list[str] | None = None, shape_only: bool = False) -> Report:
     if data is None:
-        return measure_example(loaded, options, device=resolve_device(device))
+        return measure_example(loaded, options, device=resolve_device(device), shape_only=shape_only, inputs=inputs)
+    if inputs or shape_only:
+        raise MicronetError("--data measures on the data: leave out --input and --shape-only")
     track = track_of(loaded, options)
     per = options.rules.track(track).per if track else "sample"
     if per == "token":
@@ -173,14 +187,13 @@ def _measure(loaded, options: CountOptions, data: Path | None, split: str, limit
 
 def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> Report:
     """With --bits or --act-bits, audit the declaration: violations become warnings (an error with --strict)."""
-    if options.bits is None and options.act_bits is None:
+    if not options.declares_widths:
         return report
     from micronet_score.audit import audit
 
-    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
-    weight_bits = loaded.model.declared_weight_bits(options.bits) if declares and options.bits else None
-    result = audit(loaded.model, bits=options.bits, weight_bits=weight_bits, act_bits=options.act_bits,
-                   rules=options.rules)
+    declared = options.declared_by(loaded.model, loaded.config)
+    result = audit(loaded.model, bits=declared.bits, weight_bits=declared.weight_bits, act_bits=declared.act_bits,
+                   rules=declared.rules)
     if options.strict:
         result.raise_if_violations()
     warnings = [f"audit: {v.message}" for v in result.violations]
@@ -203,6 +216,7 @@ def eval_command(
     track: Track = None,
     config: Config = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     device: Device = "cpu",
     limit_tokens: LimitTokens = None,
     vocab: Vocab = None,
@@ -231,7 +245,7 @@ def eval_command(
         checkpoint, demo_config, demo_data = demo_paths()
         config, data = config or demo_config, data or demo_data
     options = _options(rules, track, bits, act_bits, freebie, strict)
-    loaded = _load(checkpoint, model, config, device, trust_pickle)
+    loaded = _load(checkpoint, model, config, device, trust_pickle, model_args)
     if data is None:
         raise MicronetError("eval needs the test data (--data); `micronet-score count` counts without data")
     report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(as_json))
@@ -240,7 +254,13 @@ def eval_command(
 
 @app.command("count")
 def count_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file or Hugging Face model directory.")],
+    inputs: Inputs = None,
+    data: Data = None,
+    split: Split = "test",
+    limit_tokens: LimitTokens = None,
+    vocab: Vocab = None,
+    labels: Labels = None,
     bits: Bits = None,
     act_bits: ActBits = None,
     freebie: Freebie = False,
@@ -248,16 +268,18 @@ def count_command(
     track: Track = None,
     config: Config = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     device: Device = "cpu",
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
     shape_only: ShapeOnly = False,
     as_json: AsJson = False,
 ) -> None:
-    """Storage, operations and score without the quality metric, on the architecture's example input.
+    """Storage, operations and score, on an example input (or averaged over --data).
 
-    Language models count one example stream whose adaptive-embedding bins follow the WikiText-103 test set's
-    frequencies; image models one image of the track's size; `.pt2` programs their exported example inputs.
+    The example input is --input where given; else the track's input shape in the rule set (one image), the
+    bundled architecture's (language models: one stream whose adaptive-embedding bins follow the WikiText-103 test
+    set's frequencies), or the inputs a `.pt2` program was exported with.
 
     Examples:
 
@@ -265,11 +287,16 @@ def count_command(
 
       micronet-score count exported.pt2 --track cifar100 --bits 8
 
+      micronet-score count weights.safetensors --model mynet:build --model-args '{"width": 64}' --input 1x3x32x32
+
+      micronet-score count ./my-hf-model --input ids:1x128 --track wikitext103
+
       micronet-score count wrn.pt --shape-only
     """
     options = _options(rules, track, bits, act_bits, freebie, strict)
-    loaded = _load(checkpoint, model, config, device, trust_pickle)
-    report = measure_example(loaded, options, device=resolve_device(device), shape_only=shape_only)
+    loaded = _load(checkpoint, model, config, device, trust_pickle, model_args)
+    report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(as_json),
+                      inputs, shape_only)
     _emit(_declared_widths_checked(loaded, options, report), as_json, f"{loaded.name}: {checkpoint}")
 
 
@@ -299,6 +326,7 @@ def breakdown_command(
     sort: Annotated[SortBy | None, typer.Option("--sort", help="Sort rows by operations, params or name.")] = None,
     top: Annotated[int | None, typer.Option("--top", min=1, help="Keep the K first rows.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="table, json, csv or md.")] = Format.table,
+    inputs: Inputs = None,
     data: Data = None,
     split: Split = "test",
     limit_tokens: LimitTokens = None,
@@ -311,6 +339,7 @@ def breakdown_command(
     track: Track = None,
     config: Config = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     device: Device = "cpu",
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
@@ -325,8 +354,9 @@ def breakdown_command(
       micronet-score breakdown wrn.pt --model wrn-28-10 --by op --format csv > ops.csv
     """
     options = _options(rules, track, bits, act_bits, freebie, strict)
-    loaded = _load(checkpoint, model, config, device, trust_pickle)
-    report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(fmt != "table"))
+    loaded = _load(checkpoint, model, config, device, trust_pickle, model_args)
+    report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(fmt != "table"),
+                      inputs)
     by_ = by.value
     rows = breakdown.op_rows(report) if by_ == "op" else breakdown.module_rows(report, depth)
     rows = breakdown.select(rows, sort.value if sort else None, top)
@@ -341,30 +371,42 @@ def breakdown_command(
 
 @app.command("compare")
 def compare_command(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoint files.")],
+    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoint files or model directories.")],
+    inputs: Inputs = None,
+    data: Data = None,
+    split: Split = "test",
+    limit_tokens: LimitTokens = None,
+    vocab: Vocab = None,
+    labels: Labels = None,
     bits: Bits = None,
     act_bits: ActBits = None,
     freebie: Freebie = False,
     rules: Rules = DEFAULT_RULES,
     track: Track = None,
+    config: Config = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     device: Device = "cpu",
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
 ) -> None:
-    """Checkpoints side by side (storage, operations, score), with the differences from the first.
+    """Checkpoints side by side (storage, operations, score), with the differences from the first; each counted
+    on the same example input (or over the same --data).
 
     Examples:
 
       micronet-score compare dense.pt pruned.pt --model wrn-28-10
+
+      micronet-score compare dense.safetensors pruned.safetensors --model mynet:build --input 1x3x32x32
     """
     if len(checkpoints) < 2:
         raise MicronetError("compare needs at least two checkpoints")
     options = _options(rules, track, bits, act_bits, freebie, False)
     reports = {}
     for path in checkpoints:
-        reports[str(path)] = measure_example(_load(path, model, None, device, trust_pickle), options,
-                                             device=resolve_device(device))
+        loaded = _load(path, model, config, device, trust_pickle, model_args)
+        reports[str(path)] = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, False,
+                                      inputs)
     if as_json:
         sys.stdout.write(json.dumps({name: r.model_dump(mode="json", exclude={"layers"})
                                      for name, r in reports.items()}, indent=2) + "\n")
@@ -381,6 +423,7 @@ def audit_command(
     rules: Rules = DEFAULT_RULES,
     config: Config = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 2 when a declared width does not hold.")] = False,
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
@@ -405,11 +448,11 @@ def audit_command(
         except ValueError:
             raise MicronetError(f"--block takes ROWSxCOLS such as 4x4, got {block!r}") from None
         block_shape = (rows, cols)
-    loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
-    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
-    weight_bits = loaded.model.declared_weight_bits(bits) if declares and bits else None
-    result = audit(loaded.model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=load_rules(rules),
-                   block_shape=block_shape)
+    loaded = _load(checkpoint, model, config, "cpu", trust_pickle, model_args)
+    options = CountOptions(rules=load_rules(rules), bits=bits, act_bits=act_bits)
+    declared = options.declared_by(loaded.model, loaded.config)
+    result = audit(loaded.model, bits=declared.bits, weight_bits=declared.weight_bits, act_bits=act_bits,
+                   rules=declared.rules, block_shape=block_shape)
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:

@@ -16,3 +16,9 @@ class RuleError(MicronetError):
         self.problem = problem
         where = f"{source}: {key}" if key else source
         super().__init__(f"invalid rule set {where}: {problem}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -22,20 +22,8 @@ from torch import Tensor, nn
 from micronet_score.checkpoint import LoadedModel
 from micronet_score.counting import Counter
 from micronet_score.errors import MicronetError
+from micronet_score.options import CountOptions
 from micronet_score.report import Quality, Report
-from micronet_score.ruleset import DEFAULT_RULES, RuleSet, load_rules
-
-
-@dataclass(frozen=True)
-class CountOptions:
-    """The rule set, track and declared widths of a measurement."""
-
-    rules: str | RuleSet = DEFAULT_RULES
-    track: str | None = None
-    bits: int | None = None
-    act_bits: int | None = None
-    freebie: bool = False
-    strict: bool = False
 
 
 class Interrupted(MicronetError):
@@ -60,19 +48,10 @@ def track_of(loaded: LoadedModel, options: CountOptions) -> str | None:
 
 
 def make_counter(loaded: LoadedModel, options: CountOptions) -> Counter:
-    """A Counter for the model. A model that declares its own weight widths (``declared_weight_bits``, e.g. the
-    MIT model: quantized tensors at ``bits``, position table and layer norms unquantized) gets them at ``--bits``,
-    or at the ``bits`` of its configuration when its file carries quantizers."""
-    model = loaded.model
-    bits = options.bits
-    declares = callable(getattr(model, "declared_weight_bits", None))
-    if bits is None and declares and loaded.config.get("quantized") and loaded.config.get("bits"):
-        bits = int(loaded.config["bits"])
-    weight_bits = model.declared_weight_bits(bits) if declares and bits is not None else None
-    return Counter(
-        model, rules=options.rules, track=track_of(loaded, options), bits=bits, act_bits=options.act_bits,
-        weight_bits=weight_bits, freebie=options.freebie, strict=options.strict,
-    )
+    """A Counter for the model, on the track asked for (else the bundled architecture's own), with the widths
+    the model declares (see :meth:`CountOptions.declared_by`)."""
+    options = replace(options.declared_by(loaded.model, loaded.config), track=track_of(loaded, options))
+    return Counter(loaded.model, options)
 
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:
@@ -137,17 +116,15 @@ def _samples(first: Any, per: str) -> int:
 
 
 def measure_example(
-    loaded: LoadedModel, options: CountOptions, device: str | torch.device = "cpu", shape_only: bool = False
+    loaded: LoadedModel, options: CountOptions, device: str | torch.device = "cpu", shape_only: bool = False,
+    inputs: Sequence[str] | None = None,
 ) -> Report:
-    """Count one forward over the example input (the architecture's, or the one a program was exported with);
-    ``shape_only`` runs it on a meta copy (nothing computed, same totals) for models whose control flow does
-    not depend on values."""
-    if loaded.example_inputs is not None:
-        inputs = loaded.example_inputs
-    elif loaded.spec is not None and loaded.spec.example_inputs is not None:
-        inputs = loaded.spec.example_inputs(loaded.model)
-    else:
-        raise MicronetError(f"no example input known for {loaded.name}: give the data to evaluate on")
+    """Count one forward over the example input (``inputs``: ``--input`` specs; else see
+    :func:`micronet_score.inputs.example_inputs`); ``shape_only`` runs it on a meta copy (nothing computed, same
+    totals) for models whose control flow does not depend on values."""
+    from micronet_score.inputs import example_inputs
+
+    inputs = example_inputs(loaded, options.ruleset(), track_of(loaded, options), inputs)
     inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs)
     counter = make_counter(loaded, options)
     loaded.model.to(device)
@@ -212,7 +189,7 @@ def measure_lm(
         result = evaluate_stream(stream, torch.as_tensor(tokens), split=split, limit_tokens=limit_tokens,
                                  device=device, counter=counter, progress=progress)
     report = counter.report()
-    track = load_rules(options.rules).track(report.track) if report.track else None
+    track = options.ruleset().track(report.track) if report.track else None
     warnings = list(report.warnings)
     complete = result.predictions == len(tokens) - 1
     if not complete:

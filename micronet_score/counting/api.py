@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -17,32 +17,26 @@ from micronet_score.counting.interpreter import CountingMode, Tally
 from micronet_score.counting.shapes import META_FALLBACKS, META_FAST, MetaCopy, data_dependent, to_meta
 from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account
 from micronet_score.errors import MicronetError
+from micronet_score.options import OPTION_NAMES, CountOptions
 from micronet_score.report import LayerRow, OpTotal, Report, UncountedOp
-from micronet_score.ruleset import RuleSet, load_rules
 
 
 class Counter:
     """Counts every forward run inside :meth:`measure`; :meth:`report` averages over all samples measured."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        rules: str | RuleSet = "micronet-2019",
-        track: str | None = None,
-        bits: int | None = None,
-        act_bits: int | None = None,
-        weight_bits: Mapping[str, int] | None = None,
-        freebie: bool = False,
-        strict: bool = False,
-    ):
+    def __init__(self, model: nn.Module, options: CountOptions | None = None, **settings: Any):
+        """``options`` and/or the settings of :class:`~micronet_score.options.CountOptions` as keywords
+        (``rules``, ``track``, ``bits``, ``act_bits``, ``weight_bits``, ``freebie``, ``strict``)."""
         if not isinstance(model, nn.Module):
             raise MicronetError(f"can only count a torch.nn.Module (got {type(model).__name__})")
+        self.options = options = CountOptions.of(options, **settings)
         self.model = model
-        self.rules = _load_rules(rules)
-        self.track = self.rules.track_name(track) if track else None
+        self.rules = options.ruleset()
+        self.track = options.track_name()
         self.per = self.rules.tracks[self.track].per if self.track else "sample"
-        self.policy = BitPolicy(self.rules, bits, act_bits, dict(weight_bits or {}), freebie)
-        self.strict = strict
+        self.policy = BitPolicy(self.rules, options.bits, options.act_bits, dict(options.weight_bits or {}),
+                                options.freebie)
+        self.strict = options.strict
         self.prices = Prices(self.rules)
         walk = Walk.of(model)
         self._modules = walk.modules
@@ -245,19 +239,6 @@ def _same(a: list[tuple[str, torch.Tensor, int]], b: list[tuple[str, torch.Tenso
     return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b))
 
 
-_BUNDLED: dict[str, RuleSet] = {}
-
-
-def _load_rules(rules: str | RuleSet) -> RuleSet:
-    """A bundled rule set is parsed once per process (rule sets are frozen); files are read every time."""
-    if isinstance(rules, str) and rules in _BUNDLED:
-        return _BUNDLED[rules]
-    loaded = load_rules(rules)
-    if isinstance(rules, str) and loaded.source == f"{rules} (bundled)":
-        _BUNDLED[rules] = loaded
-    return loaded
-
-
 def _describe(uncounted: dict[tuple[str, str], list[int]]) -> str:
     return ", ".join(f"{op} in {module or '<root>'} ({calls}x)" for (op, module), (calls, _) in uncounted.items())
 
@@ -265,55 +246,34 @@ def _describe(uncounted: dict[tuple[str, str], list[int]]) -> str:
 def count(
     model: nn.Module,
     *example_inputs: Any,
-    rules: str | RuleSet = "micronet-2019",
-    track: str | None = None,
-    bits: int | None = None,
-    act_bits: int | None = None,
-    weight_bits: Mapping[str, int] | None = None,
-    freebie: bool = False,
-    strict: bool = False,
+    options: CountOptions | None = None,
     backend: str = "dispatch",
     samples: float | None = None,
     sample_dim: int = 0,
     shape_only: bool = False,
-    **forward_kwargs: Any,
+    **kwargs: Any,
 ) -> Report:
     """Run ``model(*example_inputs, **forward_kwargs)`` once and report its cost by the rule set.
+
+    ``options`` and/or the settings of :class:`~micronet_score.options.CountOptions` as keywords (``rules``,
+    ``track``, ``bits``, ``act_bits``, ``weight_bits``, ``freebie``, ``strict``) say how to price it; every other
+    keyword goes to the model's forward.
 
     ``shape_only``: run the forward on a meta copy of the model instead (no values computed; the model is only
     read), priced with the real model's widths, densities and storage: the same totals as a real run, for
     models whose control flow does not depend on data (see :meth:`Counter.count_shapes`)."""
+    settings = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+    options, forward_kwargs = CountOptions.of(options, **settings), kwargs
     if backend == "fvcore":
         if shape_only:
             raise MicronetError("shape_only counts with the dispatch backend, not fvcore")
         from micronet_score.counting.fvcore_backend import count_fvcore
 
-        return count_fvcore(
-            model,
-            example_inputs,
-            rules=rules,
-            track=track,
-            bits=bits,
-            act_bits=act_bits,
-            weight_bits=weight_bits,
-            freebie=freebie,
-            strict=strict,
-            samples=samples,
-            sample_dim=sample_dim,
-            forward_kwargs=forward_kwargs,
-        )
+        return count_fvcore(model, example_inputs, options, samples=samples, sample_dim=sample_dim,
+                            forward_kwargs=forward_kwargs)
     if backend != "dispatch":
         raise MicronetError(f"unknown backend {backend!r} (known: dispatch, fvcore)")
-    counter = Counter(
-        model,
-        rules=rules,
-        track=track,
-        bits=bits,
-        act_bits=act_bits,
-        weight_bits=weight_bits,
-        freebie=freebie,
-        strict=strict,
-    )
+    counter = Counter(model, options)
     if samples is None and example_inputs and isinstance(example_inputs[0], torch.Tensor):
         samples = example_inputs[0].shape[sample_dim] if example_inputs[0].dim() > sample_dim else 1
     counter._pending_walk = counter._walk  # nothing changes the model between these two steps (its forward may)

@@ -24,8 +24,8 @@ from micronet_score.counting import costs
 from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.storage import WeightTable, account
 from micronet_score.errors import MicronetError
+from micronet_score.options import CountOptions
 from micronet_score.report import LayerRow, OpTotal, Report, UncountedOp
-from micronet_score.ruleset import RuleSet, load_rules
 
 _LINEAR_NODES = {"aten::_convolution", "aten::linear", "aten::addmm", "aten::matmul", "aten::mm"}
 
@@ -111,14 +111,8 @@ def _handles(prices: costs.Prices, fold_bn: bool) -> dict[str, Callable]:
 def count_fvcore(
     model: nn.Module,
     example_inputs: tuple,
+    options: CountOptions | None = None,
     *,
-    rules: str | RuleSet = "micronet-2019",
-    track: str | None = None,
-    bits: int | None = None,
-    act_bits: int | None = None,
-    weight_bits: Mapping[str, int] | None = None,
-    freebie: bool = False,
-    strict: bool = False,
     samples: float | None = None,
     sample_dim: int = 0,
     forward_kwargs: Mapping[str, Any] | None = None,
@@ -126,8 +120,10 @@ def count_fvcore(
     """Count a traceable model with fvcore; ops at the declared global widths, weights dense."""
     if forward_kwargs:
         raise MicronetError("the fvcore backend cannot pass keyword arguments to forward (trace limitation)")
-    ruleset = load_rules(rules)
-    policy = BitPolicy(ruleset, bits, act_bits, dict(weight_bits or {}), freebie)
+    options = options or CountOptions()
+    ruleset, bits, freebie, strict = options.ruleset(), options.bits, options.freebie, options.strict
+    track = options.track_name()
+    policy = BitPolicy(ruleset, bits, options.act_bits, dict(options.weight_bits or {}), freebie)
     prices = costs.Prices(ruleset)
     analysis = JitModelAnalysis(model, tuple(example_inputs))
     analysis.set_op_handle(**_handles(prices, ruleset.folding.batch_norm_after_linear == "bias"))
@@ -195,9 +191,9 @@ def count_fvcore(
     params, flops = sum(r.storage for r in layers), sum(r.flops for r in layers)
     return Report(
         rules=ruleset.name,
-        track=ruleset.track_name(track) if track else None,
+        track=track,
         samples=n,
-        per=ruleset.tracks[ruleset.track_name(track)].per if track else "sample",
+        per=ruleset.tracks[track].per if track else "sample",
         params=params,
         flops=flops,
         mults=sum(r.mults for r in layers),
