@@ -82,7 +82,7 @@ def _finish(report: Report, model: nn.Module, warnings: list[str] | None = None,
 
 
 @contextmanager
-def _measuring(loaded: LoadedModel, counter: Counter, total: float | None = None) -> Iterator[None]:
+def _measuring(loaded: LoadedModel, counter: Counter | None, total: float | None = None) -> Iterator[None]:
     """Run the model in evaluation mode and give every module its training flag back afterwards; a failing
     forward becomes one clear error, Ctrl-C an :class:`Interrupted` with what was measured so far."""
     model = loaded.model
@@ -94,6 +94,8 @@ def _measuring(loaded: LoadedModel, counter: Counter, total: float | None = None
     try:
         yield
     except KeyboardInterrupt:
+        if counter is None:
+            raise
         report = counter.report() if counter.samples > 0 else None
         raise Interrupted(counter.samples, total, counter.per, report) from None
     except MicronetError:
@@ -158,6 +160,25 @@ class _LogProbStream(nn.Module):
         return torch._neg_view(log_probs[:, 0].gather(1, targets[:, None])[:, 0]), state
 
 
+def _stream(loaded: LoadedModel, tokens: Tensor, vocabulary: int, device: str | torch.device
+            ) -> tuple[nn.Module, int | None]:
+    """The model as a streaming LM, and its chunk: a model with ``new_stream`` streams itself; a bundled
+    architecture without one returns time-major log-probabilities; any other model follows the documented
+    convention of :mod:`micronet_score.token_lm` (checked for its vocabulary and causality first)."""
+    from micronet_score.evaluate_lm import resolve_device
+    from micronet_score.token_lm import TokenLM
+
+    model = loaded.model
+    if callable(getattr(model, "new_stream", None)):
+        return model, None
+    if loaded.spec is not None:
+        return _LogProbStream(model), None
+    stream = TokenLM(model).to(resolve_device(device)).eval()
+    with _measuring(loaded, None):
+        stream.check(tokens.to(resolve_device(device)), vocabulary)
+    return stream, stream.chunk
+
+
 def measure_lm(
     loaded: LoadedModel,
     options: CountOptions,
@@ -181,12 +202,12 @@ def measure_lm(
     if n_vocab is not None and len(vocab) != n_vocab:
         raise MicronetError(f"the vocabulary of {data} has {len(vocab)} words but the model predicts {n_vocab}"
                             " (give the authors' vocabulary file with --vocab)")
-    tokens = load_split(data, split, vocab)
-    stream = model if callable(getattr(model, "new_stream", None)) else _LogProbStream(model)
+    tokens = torch.as_tensor(load_split(data, split, vocab))
+    stream, chunk = _stream(loaded, tokens, len(vocab), device)
     counter = make_counter(loaded, options)
     predictions = len(tokens) - 1 if limit_tokens is None else min(len(tokens) - 1, limit_tokens)
     with _measuring(loaded, counter, total=predictions):
-        result = evaluate_stream(stream, torch.as_tensor(tokens), split=split, limit_tokens=limit_tokens,
+        result = evaluate_stream(stream, tokens, split=split, limit_tokens=limit_tokens, chunk=chunk,
                                  device=device, counter=counter, progress=progress)
     report = counter.report()
     track = options.ruleset().track(report.track) if report.track else None
@@ -223,7 +244,8 @@ def measure_images(
 
     track = track_of(loaded, options)
     if track is None:
-        raise MicronetError("name the track (--track cifar100 or imagenet) to judge the accuracy")
+        tracks = ", ".join(f"{name} ({t.per}s)" for name, t in options.ruleset().tracks.items())
+        raise MicronetError(f"name the track to evaluate on with --track: {tracks}")
     images = load_image_folder(data, labels) if labels else load_cifar100_test(Path(data))
     counter = make_counter(loaded, options)
     with _measuring(loaded, counter, total=len(images)):
