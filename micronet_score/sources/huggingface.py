@@ -52,27 +52,50 @@ def read_config(directory: str | os.PathLike):
                             f"({first_line(exc)})") from None
 
 
-def _model_class(config) -> type:
+def _model_classes(config) -> list[type]:
+    """The classes that may build this config: its ``architectures`` first, then every auto class's."""
     transformers = _transformers()
-    for name in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
-            return cls
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+    classes = [getattr(transformers, name, None) for name in getattr(config, "architectures", None) or ()]
+    autos = sorted(name for name in dir(transformers) if name.startswith("AutoModelFor")) + ["AutoModel"]
+    for auto in autos:
         try:
-            return auto._model_mapping[type(config)]
-        except (KeyError, ValueError):
+            classes.append(getattr(transformers, auto)._model_mapping[type(config)])
+        except (AttributeError, KeyError, ValueError):
             continue
-    raise MicronetError(f"transformers has no model class for {type(config).__name__} "
-                        f"(architectures: {getattr(config, 'architectures', None)})")
+    found = list(dict.fromkeys(c for c in classes if isinstance(c, type) and issubclass(c, nn.Module)))
+    if not found:
+        raise MicronetError(f"transformers has no model class for {type(config).__name__} "
+                            f"(architectures: {getattr(config, 'architectures', None)})")
+    return found
+
+
+def _model_class(config, names: set[str] | None = None) -> type:
+    """The config's class: the first whose state-dict keys are the weights' (``names``), else the first."""
+    classes = _model_classes(config)
+    if names is None or len(classes) == 1:
+        return classes[0]
+    from micronet_score.checkpoint import tied_keys
+
+    for cls in classes:
+        try:
+            with torch.device("meta"):
+                model = cls._from_config(config)
+        except Exception:
+            continue
+        keys, aliases = set(model.state_dict()), tied_keys(model)
+        if names <= keys and all(k in names or aliases.get(k) in names for k in keys):
+            return cls
+    return classes[0]
 
 
 def build_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None) -> nn.Module:
+                dtype: torch.dtype | None = None, names: set[str] | None = None) -> nn.Module:
     """The directory's architecture with freshly initialised weights (none read), in eval mode. On the ``meta``
-    device nothing is allocated (for counting from shapes, or to stream weights in afterwards)."""
+    device nothing is allocated (for counting from shapes, or to stream weights in afterwards). The class is the
+    config's ``architectures`` entry, else (or when given the weights' tensor ``names``, the first whose keys they
+    are) the first auto class that has one for the config."""
     config = read_config(directory)
-    cls = _model_class(config)
+    cls = _model_class(config, names)
     try:
         with torch.device(device):
             model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
@@ -128,7 +151,7 @@ def load(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     from micronet_score.checkpoint import load_weights
 
     state_dict = weights(directory)
-    model = build_model(directory, dtype=_dtype_of(state_dict))
+    model = build_model(directory, dtype=_dtype_of(state_dict), names=set(state_dict))
     load_weights(model, state_dict, str(directory))
     return model, model.config.to_dict()
 
