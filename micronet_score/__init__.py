@@ -9,10 +9,12 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from micronet_score.counting import Counter, count, count_shapes
 from micronet_score.errors import MicronetError, RuleError
+from micronet_score.options import CountOptions
 from micronet_score.report import Report
 from micronet_score.ruleset import RuleSet, load_rules
 
 __all__ = [
+    "CountOptions",
     "Counter",
     "MicronetError",
     "Report",
