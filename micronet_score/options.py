@@ -48,6 +48,9 @@ class CountOptions:
     @classmethod
     def of(cls, options: CountOptions | None = None, **settings: Any) -> CountOptions:
         """``options`` (or the defaults) with ``settings`` over them; an unknown setting is an error."""
+        if options is not None and not isinstance(options, CountOptions):
+            raise MicronetError(f"options must be a CountOptions, got {type(options).__name__} (a rule set is given "
+                                "as rules=...)")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(settings) - names)
         if unknown:
