@@ -75,6 +75,8 @@ class Counter:
         self._pending_walk: Walk | None = None
         self._meta_copy: tuple[WeightTable, MetaCopy] | None = None
         """count_shapes: the meta copy, made once per weight table"""
+        self._shared: tuple[Any, ...] = ()
+        """objects the meta copy refers to instead of copying (an integration's trainer)"""
         """A walk known to be current, used once (count() runs the model right after walking it)."""
         self.reset()
 
@@ -174,7 +176,7 @@ class Counter:
         """One forward on the meta copy, in eval mode (``inference``) or in the real modules' modes."""
         table = self._weights()
         if self._meta_copy is None or self._meta_copy[0] is not table:  # the table is rebuilt when tensors change
-            self._meta_copy = (table, MetaCopy.of(self.model, Walk.of(self.model)))
+            self._meta_copy = (table, MetaCopy.of(self.model, Walk.of(self.model), self._shared))
         meta = self._meta_copy[1]
         meta.follow(self._modules)
         training = self._training_modules()
@@ -406,8 +408,8 @@ def training_state_kept(model: nn.Module) -> Iterator[None]:
             for module, name, tensor, version, saved in buffers:
                 if module._buffers.get(name) is not tensor:
                     module._buffers[name] = tensor
-                if tensor._version != version:
-                    tensor.copy_(saved)
+                if tensor._version != version or not torch.equal(tensor, saved):  # some kernels (batch norm's
+                    tensor.copy_(saved)  # running statistics) write without bumping the version counter
 
 
 @contextmanager

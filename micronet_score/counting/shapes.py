@@ -37,14 +37,16 @@ class MetaCopy:
     """meta storage key -> real storage key"""
 
     @classmethod
-    def of(cls, model: nn.Module, walk: Walk) -> MetaCopy:
+    def of(cls, model: nn.Module, walk: Walk, shared: tuple[Any, ...] = ()) -> MetaCopy:
+        """``shared``: objects the copy refers to as they are instead of copying them (a trainer the model
+        points to)."""
         for path, module in walk.modules.items():
             if hasattr(module, "_packed_params"):
                 raise MicronetError(
                     f"shape-only counting cannot copy module {path or '<root>'!r} to the meta device (its weights are "
                     "packed torch.ao quantized params): count without shape_only"
                 )
-        memo: dict[int, Any] = {}
+        memo: dict[int, Any] = {id(obj): obj for obj in shared}
         real_of_meta: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def meta(tensor: torch.Tensor) -> torch.Tensor:
