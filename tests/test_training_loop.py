@@ -190,8 +190,9 @@ def test_declared_widths_the_model_does_not_hold_are_warned():
 def test_declared_widths_warnings_equal_the_cli(cli, tmp_path):
     import json
 
-    from micronet_score.checkpoint import load_model, save_checkpoint
     from micronet_score.models import registry
+
+    from micronet_score.checkpoint import load_model, save_checkpoint
 
     torch.manual_seed(0)
     config = {"depth": 10, "widen": 1, "num_classes": 10}
@@ -239,8 +240,13 @@ def test_lightning_callback_logs_what_count_says(tmp_path):
     data = torch.utils.data.TensorDataset(torch.randn(32, 8), torch.randint(0, 2, (32,)))
     example = torch.randn(4, 8)
     trainer = pl.Trainer(
-        max_epochs=2, logger=CSVLogger(tmp_path), callbacks=[MicronetCallback(example, track="cifar100")],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        max_epochs=2,
+        logger=CSVLogger(tmp_path),
+        callbacks=[MicronetCallback(example, track="cifar100")],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
         default_root_dir=tmp_path,
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
@@ -270,8 +276,15 @@ def test_hugging_face_callback_logs_what_count_says(tmp_path):
     ids = torch.randint(0, 50, (16, 8))
     data = [{"input_ids": row, "labels": row} for row in ids]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8, eval_strategy="epoch",
-        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no",
+        output_dir=str(tmp_path),
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4])
     example = {"input_ids": ids[:2]}
