@@ -113,9 +113,12 @@ def main() -> None:
     print("| model | training step ms | snapshot warm | cold | real warm | target <= 0.1x |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        cells = [f"{r[f'{k}_ms']:.1f} ms ({r[f'{k}_ratio']:.3f}x)" if r[f"{k}_ms"] else "fails"
-                 for k in ("warm", "cold", "real_warm")]
-        print(f"| {r['model']} | {r['training_step_ms']:.1f} | {' | '.join(cells)} | {'met' if r['met'] else 'missed'} |")
+        cells = [
+            f"{r[f'{k}_ms']:.1f} ms ({r[f'{k}_ratio']:.3f}x)" if r[f"{k}_ms"] else "fails"
+            for k in ("warm", "cold", "real_warm")
+        ]
+        verdict = "met" if r["met"] else "missed"
+        print(f"| {r['model']} | {r['training_step_ms']:.1f} | {' | '.join(cells)} | {verdict} |")
 
 
 if __name__ == "__main__":
