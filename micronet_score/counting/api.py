@@ -475,6 +475,10 @@ def count(
     ``shape_only``: run the forward on a meta copy of the model instead (no values computed; the model is only
     read), priced with the real model's widths, densities and storage: the same totals as a real run, for
     models whose control flow does not depend on data (see :meth:`Counter.count_shapes`)."""
+    if samples is None:  # one inference for both backends: tokens on a language track
+        rule_set = _load_rules(rules)
+        per = rule_set.tracks[rule_set.track_name(track)].per if track else "sample"
+        samples = _samples_of(example_inputs, forward_kwargs, per, sample_dim)
     if backend == "fvcore":
         if shape_only:
             raise MicronetError("shape_only counts with the dispatch backend, not fvcore")
@@ -494,7 +498,6 @@ def count(
                 freebie=freebie,
                 strict=strict,
                 samples=samples,
-                sample_dim=0 if sample_dim is None else sample_dim,
                 forward_kwargs=forward_kwargs,
             )
     elif backend == "dispatch":
@@ -508,8 +511,6 @@ def count(
             freebie=freebie,
             strict=strict,
         )
-        if samples is None:
-            samples = _samples_of(example_inputs, forward_kwargs, counter.per, sample_dim)
         counter._pending_walk = counter._walk  # nothing changes the model between these two steps (its forward may)
         report = counter.snapshot(
             *example_inputs, samples=samples, training=training, shape_only=shape_only, **forward_kwargs
