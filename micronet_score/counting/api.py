@@ -209,7 +209,7 @@ class Counter:
         modes, buffers and random state are given back as they were."""
         with training_state_kept(self.model), torch.no_grad():
             if inference:
-                self.model.eval()
+                _eval(self.model)
             table = self._weights()
             training = self._training_modules()
             mode = CountingMode(self.prices, self.policy, table, self._names, self._output_bits)
@@ -372,6 +372,14 @@ def _loop_warnings(measured: Measured) -> list[str]:
     return warnings
 
 
+def _eval(model: nn.Module) -> None:
+    """Eval mode (a torch.export program's module refuses eval(): its mode was fixed when it was exported)."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+
+
 @contextmanager
 def _random_state_kept() -> Iterator[None]:
     """torch's CPU random generator and, when CUDA is in use, every CUDA generator, as they were."""
@@ -486,7 +494,7 @@ def count(
 
         with training_state_kept(model), torch.no_grad():
             if not training:
-                model.eval()
+                _eval(model)
             report = count_fvcore(
                 model,
                 example_inputs,
