@@ -487,6 +487,9 @@ def count(
         rule_set = _load_rules(rules)
         per = rule_set.tracks[rule_set.track_name(track)].per if track else "sample"
         samples = _samples_of(example_inputs, forward_kwargs, per, sample_dim)
+    options = dict(
+        rules=rules, track=track, bits=bits, act_bits=act_bits, weight_bits=weight_bits, freebie=freebie, strict=strict
+    )
     if backend == "fvcore":
         if shape_only:
             raise MicronetError("shape_only counts with the dispatch backend, not fvcore")
@@ -495,30 +498,9 @@ def count(
         with training_state_kept(model), torch.no_grad():
             if not training:
                 _eval(model)
-            report = count_fvcore(
-                model,
-                example_inputs,
-                rules=rules,
-                track=track,
-                bits=bits,
-                act_bits=act_bits,
-                weight_bits=weight_bits,
-                freebie=freebie,
-                strict=strict,
-                samples=samples,
-                forward_kwargs=forward_kwargs,
-            )
+            report = count_fvcore(model, example_inputs, samples=samples, forward_kwargs=forward_kwargs, **options)
     elif backend == "dispatch":
-        counter = Counter(
-            model,
-            rules=rules,
-            track=track,
-            bits=bits,
-            act_bits=act_bits,
-            weight_bits=weight_bits,
-            freebie=freebie,
-            strict=strict,
-        )
+        counter = Counter(model, **options)
         counter._pending_walk = counter._walk  # nothing changes the model between these two steps (its forward may)
         report = counter.snapshot(
             *example_inputs, samples=samples, training=training, shape_only=shape_only, **forward_kwargs
