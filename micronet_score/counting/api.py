@@ -73,11 +73,11 @@ class Counter:
         self._table: WeightTable | None = None
         self._walk = walk
         self._pending_walk: Walk | None = None
+        """A walk known to be current, used once (count() runs the model right after walking it)."""
         self._meta_copy: tuple[WeightTable, MetaCopy] | None = None
-        """count_shapes: the meta copy, made once per weight table"""
+        """count_shapes and snapshot: the meta copy, made once per weight table"""
         self._shared: tuple[Any, ...] = ()
         """objects the meta copy refers to instead of copying (an integration's trainer)"""
-        """A walk known to be current, used once (count() runs the model right after walking it)."""
         self.reset()
 
     def _weights(self) -> WeightTable:
