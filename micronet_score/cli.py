@@ -189,14 +189,11 @@ def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> R
     """With --bits or --act-bits, audit the declaration: violations become warnings (an error with --strict)."""
     if not options.declares_widths:
         return report
-    from micronet_score.audit import audit
+    from micronet_score.audit import declared_width_warnings
 
     declared = options.declared_by(loaded.model, loaded.config)
-    result = audit(loaded.model, bits=declared.bits, weight_bits=declared.weight_bits, act_bits=declared.act_bits,
-                   rules=declared.rules)
-    if options.strict:
-        result.raise_if_violations()
-    warnings = [f"audit: {v.message}" for v in result.violations]
+    warnings = declared_width_warnings(loaded.model, bits=declared.bits, act_bits=declared.act_bits,
+                                       weight_bits=declared.weight_bits, rules=declared.rules, strict=declared.strict)
     return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report
 
 
