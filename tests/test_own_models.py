@@ -374,3 +374,28 @@ def test_a_model_that_sees_the_future_is_refused(cli, tmp_path):
     code, _, err = cli("eval", str(tmp_path / "lm.pt"), "--data", str(tmp_path / "data"), "--track", "wikitext103",
                        "--model", "own_models:Bidirectional", "--model-args", '{"vocab": 12}')
     assert code == 2 and "online protocol" in " ".join(err.split())
+
+
+def test_eval_of_your_own_image_model(cli, tmp_path):
+    from test_images import cifar_pickle, planted
+
+    from micronet_score.data.images import load_cifar100_test
+
+    labels, right = planted(12, 4)
+    labels[:5] = 7  # the model below favours class 7: some answers are right
+    (tmp_path / "cifar").mkdir()
+    (tmp_path / "cifar" / "test").write_bytes(cifar_pickle(labels, right))
+    torch.manual_seed(0)
+    model = SmallCNN(width=8, classes=100).eval()
+    with torch.no_grad():
+        model.fc.bias[7] += 10.0
+    save_file(model.state_dict(), tmp_path / "cnn.safetensors")
+    report = _json(cli, "eval", str(tmp_path / "cnn.safetensors"), "--model", "own_models:SmallCNN",
+                   "--model-args", '{"classes": 100}', "--data", str(tmp_path / "cifar"), "--track", "cifar100",
+                   "--json")
+    # the reference: the model run directly on the decoded, normalised images
+    batch, batch_labels = next(load_cifar100_test(tmp_path / "cifar").batches(12))
+    with torch.no_grad():
+        correct = int((model(batch).argmax(-1) == batch_labels).sum())
+    assert report["quality"]["value"] == correct >= 5 and report["samples"] == 12
+    assert report["flops"] == pytest.approx(ms.count(model, torch.zeros(1, 3, 32, 32)).flops)
