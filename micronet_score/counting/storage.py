@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from micronet_score.counting.bits import BitPolicy
+from micronet_score.counting.bits import FLOAT_BITS, BitPolicy
 from micronet_score.counting.grid import DTYPE_BITS
 from micronet_score.counting.packed import Packed, packed_modules
 
@@ -197,9 +197,10 @@ class WeightTable:
 
 
 def native_bits(tensor: torch.Tensor) -> int | None:
-    """Width a tensor's integer or quantized dtype gives its values (None for float and wide integer dtypes)."""
+    """Width a tensor's integer, quantized or narrow float dtype gives its values (None for 32/64-bit floats and
+    wide integer dtypes)."""
     if tensor.is_floating_point():
-        return None
+        return FLOAT_BITS.get(tensor.dtype)
     return DTYPE_BITS.get(tensor.dtype)
 
 
