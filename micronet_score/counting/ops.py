@@ -189,6 +189,19 @@ def _addmm(op: Op, prices: Prices) -> Charge:
     return Charge(bill, (a, b), linear=True)
 
 
+@priced("_scaled_mm")
+def _scaled_mm(op: Op, prices: Prices) -> Charge:
+    """(a @ b) * scale_a * scale_b (+ bias), a and b of a narrow dtype (fp8): dot products at their widths, the
+    scale one multiply per output (two when both scales vary along the output), the bias one add."""
+    a, b, scale_a, scale_b = op.args[:4]
+    outputs = op.out.numel()
+    bill = costs.dot_product(prices, a.shape[-1], outputs, op.facts.density(a, b))
+    prices.charge(bill, "mul", outputs * (2 if scale_a.numel() > 1 and scale_b.numel() > 1 else 1))
+    if op.arg(4, "bias") is not None:
+        bill += costs.bias(prices, outputs)
+    return Charge(bill, (a, b), linear=True)
+
+
 @priced("_grouped_mm")
 def _grouped_mm(op: Op, prices: Prices) -> Charge:
     """Grouped products (mixture-of-experts experts): a (tokens, k) with b (experts, k, n), offs splitting the
