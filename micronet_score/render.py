@@ -74,6 +74,8 @@ def render_rules(rules: RuleSet, out: Console) -> None:
     policy.add_row("batch norm after conv/linear", fo.batch_norm_after_linear)
     policy.add_row("other batch norm", fo.batch_norm_elsewhere)
     policy.add_row("layer norm affine", fo.layer_norm_affine)
+    q = rules.quantization
+    policy.add_row("quantized layers' scales / zero points", f"{q.scale_bits} bits / {q.zero_point_bits}")
     policy.add_row("attention scale", rules.attention.scale)
     policy.add_row("attention mask (explicit or causal)", rules.attention.mask)
     out.print(policy)

@@ -132,6 +132,15 @@ class AttentionPolicy(_Strict):
     )
 
 
+class QuantizationPolicy(_Strict):
+    """Widths of what a quantized layer stores besides its values: scales and zero points."""
+
+    scale_bits: PositiveInt
+    zero_point_bits: PositiveInt | Literal["values"] = Field(
+        description='a width, or "values": the width of the quantized values they offset'
+    )
+
+
 class RuleSet(_Strict):
     """A complete rule set. ``ops`` may omit families: ops of a missing family are reported as uncounted."""
 
@@ -145,6 +154,7 @@ class RuleSet(_Strict):
     mask: MaskPolicy
     folding: FoldingPolicy
     attention: AttentionPolicy
+    quantization: QuantizationPolicy
     tracks: dict[str, Track]
     ops: dict[str, OpRule]
     source: str = Field(default="", exclude=True)

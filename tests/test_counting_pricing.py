@@ -13,21 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _probes import Fn
 from torch import nn
 
 import micronet_score as ms
 
 BUNDLED = Path(__file__).resolve().parents[1] / "rules" / "micronet-2019.toml"
-
-
-class Fn(nn.Module):
-    def __init__(self, fn, *modules: nn.Module):
-        super().__init__()
-        self.fn = fn
-        self.mods = nn.ModuleList(modules)
-
-    def forward(self, *xs):
-        return self.fn(self.mods, *xs)
 
 
 def count(fn, *inputs, modules=(), **kw):
@@ -341,3 +332,26 @@ def test_fake_quantize_module_marks_its_output_at_its_range_width():
     # FakeQuantize.forward tests its two uint8 flags (observer_enabled[0] == 1, fake_quant_enabled[0] == 1):
     # 2 comparisons of 8-bit values
     assert r.flops == pytest.approx(m * 8 / 32 + a + 2 * 8 / 32)
+
+
+# --- structure: prices and policies are data, handlers registered once -------------------------------------------
+
+
+def test_an_op_priced_twice_is_refused():
+    from micronet_score.counting.ops import priced
+
+    with pytest.raises(ValueError, match="priced twice"):
+        priced("mm")(lambda op, prices: None)
+
+
+def test_quantized_scale_widths_come_from_the_rule_set(tmp_path):
+    model = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(16, 8)), {nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(2, 16)
+    text = BUNDLED.read_text()
+    assert "scale_bits = 32" in text
+    rules = tmp_path / "half-scales.toml"
+    rules.write_text(text.replace("scale_bits = 32", "scale_bits = 16").replace('zero_point_bits = "values"',
+                                                                               "zero_point_bits = 4"))
+    full, half = ms.count(model, x, samples=1), ms.count(model, x, rules=str(rules), samples=1)
+    # one per-tensor scale (32 -> 16 bits) and one zero point (8 -> 4 bits), in 32-bit units
+    assert full.params - half.params == pytest.approx((32 - 16) / 32 + (8 - 4) / 32)

@@ -9,19 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _probes import Fn
 from torch import nn
 
 import micronet_score as ms
-
-
-class Fn(nn.Module):
-    def __init__(self, fn, *modules: nn.Module):
-        super().__init__()
-        self.fn = fn
-        self.mods = nn.ModuleList(modules)
-
-    def forward(self, *xs):
-        return self.fn(self.mods, *xs)
 
 
 def counts(model: nn.Module, *inputs, **kw) -> tuple[float, float, float]:

@@ -71,6 +71,16 @@ class BitPolicy:
         """Width of an activation nobody marked: the declared activation width, else its dtype's (fp16: 16)."""
         return self.act_bits or FLOAT_BITS.get(dtype) or self.rules.default_bits
 
+    @property
+    def scale_bits(self) -> int:
+        """Width of a quantized layer's scales (the rule set's quantization policy)."""
+        return self.rules.quantization.scale_bits
+
+    def zero_point_bits(self, value_bits: int) -> int:
+        """Width of the zero points of values quantized to ``value_bits`` (the rule set's quantization policy)."""
+        width = self.rules.quantization.zero_point_bits
+        return value_bits if width == "values" else width
+
     def stored(self, names: list[str], is_parameter: bool, native: int | None = None) -> int:
         """Storage width of a tensor known by these names: freebie, per-tensor, its narrow dtype's width
         (``native``: integer, quantized, fp16/bf16), global (parameters), default."""

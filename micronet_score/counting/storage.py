@@ -357,11 +357,11 @@ def account(table: WeightTable, norms: list[FoldedNorm], dropped: set[int], poli
         add(pruned.info.module, pruned.info.numel, pruned.info.nonzeros, pruned.info.bits)
     for packed in table.packed.values():
         add(packed.module, packed.numel, packed.nonzeros, packed.bits)
-        add(packed.module, packed.scales, packed.scales, rules.default_bits)  # weight scales
-        add(packed.module, packed.scales, packed.scales, packed.bits)  # and their zero points
+        add(packed.module, packed.scales, packed.scales, policy.scale_bits)  # weight scales
+        add(packed.module, packed.scales, packed.scales, policy.zero_point_bits(packed.bits))  # and zero points
         if packed.static:  # output scale and zero point (the requantization of the output)
-            add(packed.module, 1, 1, rules.default_bits)
-            add(packed.module, 1, 1, packed.bits)
+            add(packed.module, 1, 1, policy.scale_bits)
+            add(packed.module, 1, 1, policy.zero_point_bits(packed.bits))
         if packed.bias is not None:
             nonzeros, _ = count_nonzero(packed.bias)
             add(packed.module, packed.bias.numel(), nonzeros, policy.stored([f"{packed.module}.bias"], True))
