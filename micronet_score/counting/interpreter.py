@@ -31,6 +31,9 @@ from micronet_score.counting.packed import Packed
 from micronet_score.counting.storage import FoldedNorm, TensorInfo, WeightTable, storage_key
 from micronet_score.errors import CountingBug
 
+_in_backward = torch._C._current_graph_task_id
+"""-1 outside autograd's backward pass; the id of the graph task while it runs (on any thread)."""
+
 
 def _unpriced(op: Op, prices: Prices) -> Charge:
     return Charge(unpriced=op.name)
@@ -225,6 +228,8 @@ class CountingMode(TorchDispatchMode):
         self.first_input: Any = None
         self.first_input_seen: Any = None
         """first_input as it was when the forward ended (finish() forgets first_input)"""
+        self.backward_ops = 0
+        """ops run by autograd's backward pass while counting: training work, never counted"""
         self.meta_fallbacks: dict[Any, Any] | None = None
         self.meta_fast: dict[Any, Any] | None = None
         """shape-only counting: outputs of ops that have no meta kernel, by overload packet"""
@@ -284,6 +289,9 @@ class CountingMode(TorchDispatchMode):
         if kwargs is None:
             kwargs = {}
         out = self._run(func, args, kwargs)
+        if _in_backward() != -1:
+            self.backward_ops += 1
+            return out
         try:
             handler, flow = _RESOLVED[func]
         except KeyError:
