@@ -18,6 +18,10 @@ class RuleError(MicronetError):
         super().__init__(f"invalid rule set {where}: {problem}")
 
 
+class CountingBug(MicronetError):
+    """An internal inconsistency of the counting (a negative count): a bug to report, named by op and module."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none)."""
     text = str(exc).strip()
