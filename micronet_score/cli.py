@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - typer < 0.20
 from micronet_score import __version__, breakdown
 from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import resolve_device
+from micronet_score.progress import steps
 from micronet_score.render import (
     console,
     error_console,
@@ -34,7 +35,6 @@ from micronet_score.render import (
 )
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES, bundled_rule_names, load_rules
-from micronet_score.progress import steps
 from micronet_score.scoring import CountOptions, Interrupted, measure_example, measure_images, measure_lm, track_of
 from micronet_score.warning_groups import warning_lines
 
@@ -603,7 +603,7 @@ def schema_command() -> None:
 
       micronet-score schema > report.schema.json
     """
-    sys.stdout.write(json.dumps(Report.model_json_schema(), indent=2) + "\n")
+    sys.stdout.write(json.dumps(Report.model_json_schema(mode="serialization"), indent=2) + "\n")
 
 
 def _emit(report: Report, as_json: bool, title: str, verbose: bool = False) -> None:

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from micronet_score import breakdown
+from micronet_score.errors import MicronetError
 from micronet_score.report import Report
 from micronet_score.warning_groups import group_warnings
 
@@ -339,10 +340,11 @@ def render_html(report: Report, title: str = "micronet-score report", audit=None
     """The page as a string. ``audit`` (an :class:`~micronet_score.audit.AuditReport`) adds its findings;
     ``rules`` (the rule set the report was counted by; loaded by the report's rule-set name when None) gives each
     module's part of the score."""
-    import plotly.offline
-
+    try:
+        import plotly.offline
+    except ImportError:
+        raise MicronetError("the HTML report needs plotly: pip install 'micronet-score[report]'") from None
     if rules is None:
-        from micronet_score.errors import MicronetError
         from micronet_score.ruleset import load_rules
 
         try:

@@ -30,6 +30,7 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     matplotlib.rcParams["svg.hashsalt"] = "micronet-score"  # the same SVG for the same report
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text: searchable and editable
     return plt
 
 

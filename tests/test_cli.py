@@ -41,7 +41,7 @@ def test_eval_without_arguments_scores_the_demo(demo_eval):
     assert quality["metric"] == "perplexity" and quality["threshold"] == 35
     assert quality["qualifies"] == (quality["value"] <= 35)
     # score = storage / 159e6 + operations / 318e6 (the track's baselines)
-    assert demo_eval["score"] == pytest.approx(demo_eval["params"] / 159e6 + demo_eval["flops"] / 318e6)
+    assert demo_eval["score"] == pytest.approx(demo_eval["storage"] / 159e6 + demo_eval["operations"] / 318e6)
     assert demo_eval["uncounted"] == []
     assert demo_eval["conversions"] > 0  # the 9-bit activation quantizers
 
@@ -49,8 +49,8 @@ def test_eval_without_arguments_scores_the_demo(demo_eval):
 def test_report_validates_against_the_published_schema(cli, demo_eval):
     schema = _json(cli, "schema")
     jsonschema.validate(demo_eval, schema)
-    for key in ("schema", "rules", "track", "params", "flops", "mults", "adds", "score", "quality", "layers",
-                "uncounted"):
+    for key in ("schema", "rules", "track", "parameters", "storage", "operations", "params", "flops", "mults",
+                "adds", "score", "quality", "layers", "uncounted"):
         assert key in schema["properties"]
 
 
@@ -60,9 +60,10 @@ def test_breakdown_totals_equal_eval_totals(cli, demo_eval):
     rows = list(csv.DictReader(io.StringIO(out)))
     total = rows[-1]
     assert total["name"] == "total"
-    assert float(total["storage"]) == pytest.approx(demo_eval["params"], rel=1e-12)
-    assert float(total["flops"]) == pytest.approx(demo_eval["flops"], rel=1e-12)
-    assert sum(float(r["flops"]) for r in rows[:-1]) == pytest.approx(float(total["flops"]))
+    assert float(total["storage"]) == pytest.approx(demo_eval["storage"], rel=1e-12)
+    assert float(total["operations"]) == pytest.approx(demo_eval["operations"], rel=1e-12)
+    assert int(total["parameters"]) == demo_eval["parameters"]
+    assert sum(float(r["operations"]) for r in rows[:-1]) == pytest.approx(float(total["operations"]))
 
 
 def test_breakdown_markdown_and_json_parse_back(cli):
@@ -74,9 +75,9 @@ def test_breakdown_markdown_and_json_parse_back(cli):
     body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     as_json = _json(cli, *common, "--format", "json")
     assert [cells[0] for cells in body] == [r["name"] for r in as_json["rows"]] + ["total"]
-    flops = header.index("flops")
-    assert [float(cells[flops]) for cells in body[:-1]] == [r["flops"] for r in as_json["rows"]]
-    assert float(body[-1][flops]) == as_json["total"]["flops"]
+    operations = header.index("operations")
+    assert [float(cells[operations]) for cells in body[:-1]] == [r["operations"] for r in as_json["rows"]]
+    assert float(body[-1][operations]) == as_json["total"]["operations"]
 
 
 def test_breakdown_table_depth_sort_top(cli):
