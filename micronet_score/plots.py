@@ -69,7 +69,8 @@ def breakdown_image(report: Report, rules, depth: int | None = 1, top: int | Non
     axes.barh(names, operations, left=storage, color=OPERATIONS_COLOUR, label=labels[1])
     total = (report.score if report.track is not None else 2.0) or 1.0
     for y, (s, o) in enumerate(zip(storage, operations, strict=True)):
-        axes.text(s + o, y, f" {(s + o) / total:.1%}", va="center", fontsize=8)
+        share = (s + o) / total
+        axes.text(s + o, y, f" {share:.1%}" if share >= 0.0005 or share == 0 else " <0.1%", va="center", fontsize=8)
     axes.margins(x=0.15)
     axes.legend(loc="lower right", fontsize=8, frameon=False)
     axes.set_title(f"Where the score goes (storage {report.storage:,.0f}, operations per {report.per} "
