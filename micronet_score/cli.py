@@ -428,6 +428,7 @@ def compare_command(
     device: Device = "cpu",
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
+    verbose: Verbose = False,
 ) -> None:
     """Checkpoints side by side (storage, operations, score), with the differences from the first.
 
@@ -463,6 +464,9 @@ def compare_command(
                                      for name, r in reports.items()}, indent=2) + "\n")
     else:
         render_comparison(reports, console())
+        for name, report in reports.items():
+            for warning in warning_lines(report.warnings, verbose):
+                error_console().print(f"[yellow]warning:[/] {escape(name)}: {escape(warning)}", soft_wrap=True)
 
 
 @app.command("report")
@@ -564,11 +568,14 @@ def audit_command(
         except ValueError:
             raise MicronetError(f"--block takes ROWSxCOLS such as 4x4, got {block!r}") from None
         block_shape = (rows, cols)
-    loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
-    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
-    weight_bits = loaded.model.declared_weight_bits(bits) if declares and bits else None
-    result = audit(loaded.model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=load_rules(rules),
-                   block_shape=block_shape)
+    with steps(2, show=_progress(as_json)) as bar:
+        bar.step(f"loading {checkpoint}")
+        loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
+        declares = callable(getattr(loaded.model, "declared_weight_bits", None))
+        weight_bits = loaded.model.declared_weight_bits(bits) if declares and bits else None
+        bar.step("auditing bits and sparsity")
+        result = audit(loaded.model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=load_rules(rules),
+                       block_shape=block_shape)
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:

@@ -184,6 +184,12 @@ def render_comparison(reports: dict, out: Console) -> None:
                 text += f" ({100 * (value - base) / base:+.1f}%)"
             cells.append(text)
         table.add_row(label, *cells)
+    qualities = [reports[name].quality for name in names]
+    if any(q is not None for q in qualities):
+        metric = next(q.metric for q in qualities if q is not None)
+        table.add_row(metric, *(f"{q.value:,.6g}" if q is not None else "-" for q in qualities))
+        table.add_row("verdict", *(f"[{VERDICT_STYLE[q.verdict]}]{q.verdict}[/]" if q is not None else "-"
+                                   for q in qualities))
     out.print(table)
 
 
