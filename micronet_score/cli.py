@@ -193,16 +193,37 @@ def _measure(loaded, options: CountOptions, data: Path | None, split: str, limit
     return measure_images(loaded, options, data, labels=labels, device=device, progress=bool(progress))
 
 
+def _load_and_measure(checkpoint: Path, model: str | None, config: Path | None, device: str, trust_pickle: bool,
+                      options: CountOptions, data: Path | None, split: str, limit_tokens: int | None,
+                      vocab: Path | None, labels: Path | None, show: bool | None):
+    """(loaded model, report): measured over the data (with the evaluation's own progress bar), else on the
+    example input; the steps show on a terminal."""
+    with steps(2 if data is None else 1, show=show) as bar:
+        bar.step(f"loading {checkpoint}")
+        loaded = _load(checkpoint, model, config, device, trust_pickle)
+        if data is None:
+            bar.step("counting the example input")
+            return loaded, _measure(loaded, options, None, split, limit_tokens, vocab, labels, device, show)
+    return loaded, _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, show)
+
+
+def _audited(loaded, bits: int | None, act_bits: int | None, rules, block_shape=None):
+    """The audit of the loaded model against the declared widths (per tensor where the model declares its own
+    weights' widths, as the MIT model does)."""
+    from micronet_score.audit import audit
+
+    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
+    weight_bits = loaded.model.declared_weight_bits(bits) if declares and bits else None
+    return audit(loaded.model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=rules,
+                 block_shape=block_shape)
+
+
 def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> Report:
     """With --bits or --act-bits, audit the declaration: violations become warnings (an error with --strict)."""
     if options.bits is None and options.act_bits is None:
         return report
-    from micronet_score.audit import audit
 
-    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
-    weight_bits = loaded.model.declared_weight_bits(options.bits) if declares and options.bits else None
-    result = audit(loaded.model, bits=options.bits, weight_bits=weight_bits, act_bits=options.act_bits,
-                   rules=options.rules)
+    result = _audited(loaded, options.bits, options.act_bits, options.rules)
     if options.strict:
         result.raise_if_violations()
     warnings = [f"audit: {v.message}" for v in result.violations]
@@ -380,15 +401,8 @@ def breakdown_command(
       micronet-score breakdown model-1.pth --config config.yaml --format svg -o where-the-score-goes.svg
     """
     options = _options(rules, track, bits, act_bits, freebie, strict)
-    show = _progress(fmt in (Format.json, Format.csv, Format.md))
-    with steps(2 if data is None else 1, show=show) as bar:
-        bar.step(f"loading {checkpoint}")
-        loaded = _load(checkpoint, model, config, device, trust_pickle)
-        if data is None:
-            bar.step("counting the example input")
-            report = _measure(loaded, options, None, split, limit_tokens, vocab, labels, device, show)
-    if data is not None:
-        report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, show)
+    _, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
+                                  limit_tokens, vocab, labels, _progress(fmt in (Format.json, Format.csv, Format.md)))
     if fmt in (Format.svg, Format.png):
         from micronet_score.plots import breakdown_image
 
@@ -502,7 +516,6 @@ def report_command(
 
       micronet-score report model-1.pth --config config.yaml --data wikitext-103 --bits 9 -o mit.html
     """
-    from micronet_score.audit import audit
     from micronet_score.html_report import write_html
 
     if checkpoint is None:
@@ -511,20 +524,12 @@ def report_command(
         checkpoint, demo_config, demo_data = demo_paths()
         config, data = config or demo_config, data or demo_data
     options = _options(rules, track, bits, act_bits, freebie, strict)
-    with steps(2 if data is None else 1) as bar:
-        bar.step(f"loading {checkpoint}")
-        loaded = _load(checkpoint, model, config, device, trust_pickle)
-        if data is None:
-            bar.step("counting the example input")
-            report = _measure(loaded, options, None, split, limit_tokens, vocab, labels, device, None)
-    if data is not None:
-        report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, None)
+    loaded, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
+                                       limit_tokens, vocab, labels, None)
     report = _assumed_noted(loaded, _declared_widths_checked(loaded, options, report))
     with steps(2) as bar:
         bar.step("auditing bits and sparsity")
-        declares = callable(getattr(loaded.model, "declared_weight_bits", None))
-        weight_bits = loaded.model.declared_weight_bits(bits) if declares and bits else None
-        findings = audit(loaded.model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=options.rules)
+        findings = _audited(loaded, bits, act_bits, options.rules)
         bar.step(f"writing {output}")
         try:
             write_html(report, output, title=f"{loaded.name}: {checkpoint.name}", audit=findings,
@@ -559,7 +564,6 @@ def audit_command(
 
       micronet-score audit model-1.pth --config config.yaml --bits 9 --json
     """
-    from micronet_score.audit import audit
 
     block_shape = None
     if block:
@@ -571,11 +575,8 @@ def audit_command(
     with steps(2, show=_progress(as_json)) as bar:
         bar.step(f"loading {checkpoint}")
         loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
-        declares = callable(getattr(loaded.model, "declared_weight_bits", None))
-        weight_bits = loaded.model.declared_weight_bits(bits) if declares and bits else None
         bar.step("auditing bits and sparsity")
-        result = audit(loaded.model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=load_rules(rules),
-                       block_shape=block_shape)
+        result = _audited(loaded, bits, act_bits, load_rules(rules), block_shape)
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:
