@@ -212,21 +212,26 @@ def _audited(loaded, bits: int | None, act_bits: int | None, rules, block_shape=
     weights' widths, as the MIT model does)."""
     from micronet_score.audit import audit
 
-    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
-    weight_bits = loaded.model.declared_weight_bits(bits) if declares and bits else None
-    return audit(loaded.model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=rules,
+    return audit(loaded.model, bits=bits, weight_bits=_weight_bits(loaded, bits), act_bits=act_bits, rules=rules,
                  block_shape=block_shape)
+
+
+def _weight_bits(loaded, bits: int | None) -> dict[str, int] | None:
+    """Per-tensor widths where the model declares its own weights' widths at ``bits`` (the MIT model: quantized
+    tensors at ``bits``, its position table and layer norms unquantized)."""
+    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
+    return loaded.model.declared_weight_bits(bits) if declares and bits else None
 
 
 def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> Report:
     """With --bits or --act-bits, audit the declaration: violations become warnings (an error with --strict)."""
     if options.bits is None and options.act_bits is None:
         return report
+    from micronet_score.audit import declared_width_warnings
 
-    result = _audited(loaded, options.bits, options.act_bits, options.rules)
-    if options.strict:
-        result.raise_if_violations()
-    warnings = [f"audit: {v.message}" for v in result.violations]
+    warnings = declared_width_warnings(loaded.model, bits=options.bits, act_bits=options.act_bits,
+                                       weight_bits=_weight_bits(loaded, options.bits), rules=options.rules,
+                                       strict=options.strict)
     return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report
 
 
