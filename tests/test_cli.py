@@ -108,7 +108,7 @@ def _small_wrn(tmp_path, name="wrn.pt", sparsity=0.0):
 def test_count_self_describing_checkpoint(cli, tmp_path):
     report = _json(cli, "count", str(_small_wrn(tmp_path)), "--json")
     assert report["track"] == "cifar100" and report["per"] == "sample" and report["samples"] == 1
-    assert report["score"] == pytest.approx(report["params"] / 36.5e6 + report["flops"] / 10.49e9)
+    assert report["score"] == pytest.approx(report["storage"] / 36.5e6 + report["operations"] / 10.49e9)
 
 
 def test_count_raw_state_dict_needs_and_takes_model(cli, tmp_path):
@@ -116,7 +116,7 @@ def test_count_raw_state_dict_needs_and_takes_model(cli, tmp_path):
     torch.save(torch.load(CKPT, weights_only=True)["net"], raw)
     report = _json(cli, "count", str(raw), "--model", "mit-lm", "--config", str(CONFIG), "--json")
     again = _json(cli, "count", str(CKPT), "--config", str(CONFIG), "--json")
-    assert report["params"] == again["params"] and report["flops"] == again["flops"]
+    assert report["storage"] == again["storage"] and report["operations"] == again["operations"]
 
 
 class TinyNet(nn.Module):
@@ -170,7 +170,7 @@ def test_compare_dense_and_pruned(cli, tmp_path):
     dense, pruned = _small_wrn(tmp_path, "dense.pt"), _small_wrn(tmp_path, "pruned.pt", sparsity=0.9)
     data = _json(cli, "compare", str(dense), str(pruned), "--json")
     a, b = data[str(dense)], data[str(pruned)]
-    assert b["params"] < a["params"] and b["flops"] < a["flops"]
+    assert b["storage"] < a["storage"] and b["operations"] < a["operations"]
     code, out, _ = cli("compare", str(dense), str(pruned))
     assert code == 0 and "%" in out
 
@@ -225,7 +225,7 @@ def test_count_shape_only_gives_the_same_totals(cli, tmp_path):
     path = str(_small_wrn(tmp_path, sparsity=0.5))
     real = _json(cli, "count", path, "--json")
     shapes = _json(cli, "count", path, "--shape-only", "--json")
-    for key in ("params", "flops", "mults", "adds", "others", "score"):
+    for key in ("parameters", "storage", "operations", "mults", "adds", "others", "score"):
         assert shapes[key] == real[key]
     code, _, err = cli("count", str(CKPT), "--config", str(CONFIG), "--shape-only")
     assert code == 2 and "shape_only" in " ".join(err.split())
@@ -252,7 +252,7 @@ def test_eval_image_model_on_a_cifar_archive(cli, tmp_path):
     assert report["quality"]["value"] == correct and report["quality"]["threshold"] == 8000
     assert report["quality"]["qualifies"] is False and report["samples"] == 20
     one = _json(cli, "count", str(path), "--json")  # one example image: per-image work is the same
-    assert report["mults"] == pytest.approx(one["mults"]) and report["params"] == one["params"]
+    assert report["mults"] == pytest.approx(one["mults"]) and report["storage"] == one["storage"]
 
 
 def test_directory_as_checkpoint_is_one_line(cli, tmp_path):
