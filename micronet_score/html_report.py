@@ -111,7 +111,8 @@ def _score_bars(report: Report, rules) -> dict | None:
                                    ("operations", "operations / baseline operations", "#f58518"))
     ]
     layout = {"barmode": "stack", "height": 120 + 28 * len(parts), "margin": {"l": 140, "r": 20, "t": 30, "b": 40},
-              "xaxis": {"title": {"text": label}}, "legend": {"orientation": "h", "y": 1.12}}
+              "xaxis": {"title": {"text": label}}, "yaxis": {"type": "category", "automargin": True},
+              "legend": {"orientation": "h", "y": 1.12}}
     return {"data": traces, "layout": layout}
 
 

@@ -180,3 +180,24 @@ def test_every_format_gives_the_same_numbers_under_the_same_names(cli, demo, tmp
     page = demo[0].read_text(encoding="utf-8")
     for name in ("parameters", "storage", "operations"):
         assert f'<th data-key="{name}"' in page
+
+
+def test_numbered_modules_are_categories_not_numbers(tmp_path):
+    """nn.Sequential names its modules 0, 1, 2...: each is still one tile and one bar of its own."""
+    import torch
+    from torch import nn
+
+    import micronet_score as ms
+    from micronet_score.html_report import write_html
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    report = ms.count(model, torch.randn(1, 3, 8, 8), track="cifar100")
+    page = write_html(report, tmp_path / "seq.html")
+    run = _chromium(page, tmp_path / "profile", "--dump-dom")
+    status = re.search(r'<div id="report-status"[^>]*data-status="([^"]+)"[^>]*data-shown="([^"]+)"', run.stdout)
+    assert status is not None and status.group(1) == "rendered", run.stdout[:2000]
+    shown = json.loads(html.unescape(status.group(2)))
+    data = report.model_dump()
+    assert sorted(shown["storage-chart"]) == ["0", "3"]  # the conv and the linear layer store weights
+    assert sorted(shown["operations-chart"]) == sorted(_top_level(data, "operations"))
+    assert sorted(shown["score-chart"]) == sorted(_top_level(data, "storage") | _top_level(data, "operations"))
