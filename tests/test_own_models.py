@@ -4,6 +4,7 @@ The reference is always the same model counted in Python (``micronet_score.count
 for the CNN, a count derived by hand from the rule set.
 """
 
+import importlib.util
 import json
 import math
 
@@ -199,6 +200,9 @@ def test_commands_on_your_own_model(cli, tmp_path):
     assert [r["flops"] for r in compared.values()] == [reference.flops] * 2
     code, out, err = cli("audit", str(path), *own, "--bits", "32")
     assert code == 0, err
+    if importlib.util.find_spec("plotly") is not None:  # the report extra
+        code, _, err = cli("report", str(path), *own, "--input", "1x3x32x32", "-o", str(tmp_path / "r.html"))
+        assert code == 0 and (tmp_path / "r.html").stat().st_size > 0, err
 
 
 def test_several_inputs(cli, tmp_path):
