@@ -250,7 +250,8 @@ def measure_images(
     images = load_image_folder(data, labels) if labels else load_cifar100_test(Path(data))
     counter = make_counter(loaded, options)
     with _measuring(loaded, counter, total=len(images)):
-        result = evaluate_top1(loaded.model, images, track, options.rules, batch_size=batch_size,
+        result = evaluate_top1(loaded.model, images, track, options.rules,
+                               batch_size=loaded.meta.get("batch_size", batch_size),
                                progress=progress, device=str(device), counter=counter)
     report = counter.report()
     warnings = list(report.warnings)

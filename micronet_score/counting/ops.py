@@ -662,6 +662,8 @@ FREE = frozenset(
         "randn",
         "randint",
         "_assert_async",
+        "_assert_tensor_metadata", "_assert_scalar", "_functional_assert_scalar",  # exported runtime checks
+        "sym_constrain_range", "sym_constrain_range_for_size", "_functional_sym_constrain_range",
         "sym_size",
         "sym_stride",
         "sym_numel",
