@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from micronet_score.checkpoint import LoadedModel
 from micronet_score.counting import Counter
+from micronet_score.counting.unchanged import model_unchanged
 from micronet_score.errors import MicronetError
 from micronet_score.report import Quality, Report
 from micronet_score.ruleset import DEFAULT_RULES, RuleSet, load_rules
@@ -113,7 +114,8 @@ def _measuring(loaded: LoadedModel, counter: Counter, total: float | None = None
     except NotImplementedError:
         pass  # a torch.export program: its mode was fixed when it was exported
     try:
-        yield
+        with model_unchanged(model):
+            yield
     except KeyboardInterrupt:
         report = counter.report() if counter.samples > 0 else None
         raise Interrupted(counter.samples, total, counter.per, report) from None

@@ -16,6 +16,7 @@ from micronet_score.counting.costs import Prices
 from micronet_score.counting.interpreter import CountingMode, Tally
 from micronet_score.counting.shapes import META_FALLBACKS, META_FAST, MetaCopy, data_dependent, to_meta
 from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account
+from micronet_score.counting.unchanged import model_unchanged
 from micronet_score.errors import MicronetError
 from micronet_score.report import LayerRow, OpTotal, Report, UncountedOp
 from micronet_score.ruleset import RuleSet, load_rules
@@ -320,7 +321,7 @@ def count(
     if shape_only:
         counter.count_shapes(*example_inputs, samples=samples, sample_dim=sample_dim, **forward_kwargs)
     else:
-        with counter.measure(samples=samples, sample_dim=sample_dim):
+        with model_unchanged(model), counter.measure(samples=samples, sample_dim=sample_dim):
             model(*example_inputs, **forward_kwargs)
     return counter.report()
 
