@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from micronet_score.errors import MicronetError
+from micronet_score.sources.config import read_config_file, shown
 from micronet_score.sources.files import check_zip_sizes, regular_file
 from micronet_score.sources.pt2 import load_program
 
@@ -163,24 +164,6 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str
     model.load_state_dict(ordered, strict=True)
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML (or JSON) mapping, such as the authors' ``config.yaml``."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise MicronetError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MicronetError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise MicronetError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    return dict(data)
-
-
 def resolve_config(
     defaults: Mapping[str, Any],
     inferred: Mapping[str, Any],
@@ -197,7 +180,7 @@ def resolve_config(
         raise MicronetError(f"unknown settings {unknown} (known: {sorted(defaults)})")
     stated = {**file_config, **overrides}
     conflicts = [
-        f"{k} = {stated[k]!r} but the checkpoint's shapes say {v!r}"
+        f"{k} = {shown(stated[k])} but the checkpoint's shapes say {shown(v)}"
         for k, v in inferred.items()
         if k in stated and _plain(stated[k]) != _plain(v)
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from rich.console import Console
 from rich.markup import escape
@@ -10,6 +11,25 @@ from rich.table import Table
 
 from micronet_score.audit import AuditReport
 from micronet_score.ruleset import Cost, RuleSet
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+MAX_LINE = 4000
+"""An error or warning line longer than this is cut (with the number of characters left out)."""
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` safe for a terminal: control characters (newlines, ESC sequences, bidirectional overrides) shown as
+    escapes such as ``\\n`` and ``\\x1b``, so that a name from a file can neither forge a line nor drive the
+    terminal; cut to ``limit`` characters (with how many were left out)."""
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + f"... ({len(text) - limit:,} more characters)"
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def safe(value) -> str:
+    """A value from a file or the user (a name, a path, a message), ready for a rich table or line: printable
+    and with rich markup escaped."""
+    return escape(printable(str(value)))
 
 
 def console() -> Console:
@@ -33,10 +53,10 @@ def _number(value: float) -> str:
 
 
 def render_rules(rules: RuleSet, out: Console) -> None:
-    out.print(f"[bold]{rules.name}[/]: {rules.title}")
+    out.print(f"[bold]{safe(rules.name)}[/]: {safe(rules.title)}")
     if rules.description:
-        out.print(rules.description)
-    out.print(f"source: {rules.source}\n")
+        out.print(safe(rules.description))
+    out.print(f"source: {safe(rules.source)}\n")
 
     tracks = Table(title="Tracks", title_justify="left")
     for column in ("track", "baseline", "storage", "operations", "quality threshold", "averaged per"):
@@ -46,7 +66,7 @@ def render_rules(rules: RuleSet, out: Console) -> None:
     for key, track in rules.tracks.items():
         threshold = f"{track.metric} {track.comparison.symbol} {_number(track.threshold)}"
         tracks.add_row(
-            f"{track.title}\n[dim]{key}[/]", track.baseline_model, _number(track.baseline_params),
+            f"{safe(track.title)}\n[dim]{safe(key)}[/]", safe(track.baseline_model), _number(track.baseline_params),
             _number(track.baseline_flops), threshold, track.per,
         )
     out.print(tracks)
@@ -81,7 +101,7 @@ def render_rules(rules: RuleSet, out: Console) -> None:
     ops.add_column("per element")
     ops.add_column("per group")
     for name, rule in rules.ops.items():
-        ops.add_row(name, _cost(rule.per_element), _cost(rule.per_group) if rule.per_group != Cost() else "")
+        ops.add_row(safe(name), _cost(rule.per_element), _cost(rule.per_group) if rule.per_group != Cost() else "")
     out.print(ops)
 
 
@@ -96,10 +116,10 @@ def _si(value: float) -> str:
 def render_report(report, title: str, out: Console) -> None:
     """The summary of one measurement: storage, operations, score, quality and verdict, uncounted ops."""
     unit = report.per
-    table = Table(title=title, title_justify="left", show_header=False)
+    table = Table(title=safe(title), title_justify="left", show_header=False)
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    table.add_row("rules / track", f"{report.rules} / {report.track or '-'}")
+    table.add_row("rules / track", f"{safe(report.rules)} / {safe(report.track or '-')}")
     table.add_row("storage (32-bit-equivalent params)", _si(report.params))
     table.add_row(f"operations per {unit} (32-bit equivalents)", _si(report.flops))
     table.add_row(f"  raw mults / adds / others per {unit}",
@@ -110,7 +130,8 @@ def render_report(report, title: str, out: Console) -> None:
     if report.quality is not None:
         q = report.quality
         verdict = "[green]qualifies[/]" if q.qualifies else "[red]does not qualify[/]"
-        table.add_row(q.metric, f"{q.value:,.6g}" if math.isfinite(q.value) else f"[red]{q.value} (not finite)[/]")
+        value = f"{q.value:,.6g}" if math.isfinite(q.value) else f"[red]{q.value} (not finite)[/]"
+        table.add_row(safe(q.metric), value)
         table.add_row(f"threshold ({q.threshold:g})", verdict)
     if report.conversions:
         table.add_row("format conversions (free)", f"{report.conversions:,}")
@@ -122,7 +143,7 @@ def render_report(report, title: str, out: Console) -> None:
         for column in ("op", "module", "calls", "elements"):
             unc.add_column(column, justify="right" if column in ("calls", "elements") else "left")
         for op in report.uncounted:
-            unc.add_row(op.op, op.module or "<root>", f"{op.calls:,}", f"{op.elements:,}")
+            unc.add_row(safe(op.op), safe(op.module or "<root>"), f"{op.calls:,}", f"{op.elements:,}")
         out.print(unc)
 
 
@@ -137,7 +158,7 @@ def _cell(column: str, value) -> str:
         return _si(value)
     if isinstance(value, int) and column != "bits":
         return f"{value:,}"
-    return str(value)
+    return safe(value)
 
 
 def render_breakdown(rows: list[dict], total: dict, by: str, report, out: Console) -> None:
@@ -154,7 +175,7 @@ def render_breakdown(rows: list[dict], total: dict, by: str, report, out: Consol
                          justify="left" if column in ("name", "type") else "right", overflow="fold",
                          min_width=16 if column == "name" else None)
     for row in rows:
-        table.add_row(*(_cell(c, row[c]) if c != "name" else (row[c] or "<root>") for c in cols))
+        table.add_row(*(_cell(c, row[c]) if c != "name" else safe(row[c] or "<root>") for c in cols))
     table.add_section()
     table.add_row(*(_cell(c, total[c]) for c in cols), style="bold")
     out.print(table)
@@ -166,7 +187,7 @@ def render_comparison(reports: dict, out: Console) -> None:
     table = Table(title="comparison (differences from the first)", title_justify="left")
     table.add_column("quantity")
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(safe(name), justify="right")
     for label, key in (("storage", "params"), ("operations", "flops"), ("mults", "mults"), ("adds", "adds"),
                        ("others", "others"), ("score", "score")):
         cells = []
@@ -189,7 +210,7 @@ def render_models(specs, out: Console) -> None:
     for column in ("name", "track", "architecture", "aliases"):
         table.add_column(column)
     for spec in specs:
-        table.add_row(spec.name, spec.track, spec.title, ", ".join(spec.aliases))
+        table.add_row(safe(spec.name), safe(spec.track), safe(spec.title), safe(", ".join(spec.aliases)))
     out.print(table)
 
 
@@ -202,14 +223,14 @@ def render_audit(report: AuditReport, out: Console) -> None:
     for t in report.tensors:
         if t.role == "buffer":
             continue
-        mask = t.mask_source or ""
+        mask = safe(t.mask_source or "")
         if t.block_shape:
-            mask = f"{mask} {t.block_source} {t.block_shape[0]}x{t.block_shape[1]} blocks".strip()
+            mask = f"{mask} {safe(t.block_source)} {t.block_shape[0]}x{t.block_shape[1]} blocks".strip()
         measured = str(t.measured_bits) if t.measured_bits is not None else f"no grid ({t.storage_bits})"
         table.add_row(
-            f"[red]{t.name}[/]" if t.name in flagged else t.name,
-            t.role,
-            t.dtype,
+            f"[red]{safe(t.name)}[/]" if t.name in flagged else safe(t.name),
+            safe(t.role),
+            safe(t.dtype),
             f"{t.numel:,}",
             "" if t.declared_bits is None else str(t.declared_bits),
             measured,
@@ -219,8 +240,9 @@ def render_audit(report: AuditReport, out: Console) -> None:
         )
     out.print(table)
     for activation in report.activations:
-        out.print(f"activation quantizer {activation.name or '<root>'} ({activation.source}): {activation.bits} bits")
+        out.print(f"activation quantizer {safe(activation.name or '<root>')} ({safe(activation.source)}): "
+                  f"{activation.bits} bits")
     for violation in report.violations:
-        out.print(f"[yellow]violation[/] ({violation.kind}): {escape(violation.message)}")
+        out.print(f"[yellow]violation[/] ({safe(violation.kind)}): {safe(violation.message)}")
     if not report.violations:
         out.print("[green]the declared widths hold[/]")
