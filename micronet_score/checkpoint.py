@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from micronet_score.errors import MicronetError
+from micronet_score.sources.build import build_fitting
 from micronet_score.sources.config import read_config_file, shown
 from micronet_score.sources.files import check_zip_sizes, regular_file
 from micronet_score.sources.pt2 import load_program
@@ -308,7 +309,7 @@ def load_model(
         else:
             inferred = spec.config_from_state_dict(state_dict) if spec.config_from_state_dict else {}
             cfg = resolve_config(spec.default_config, inferred, stated, overrides, source)
-            net = spec.build(cfg)
+            net = build_fitting(spec.build, cfg, state_dict, source)
             load_weights(net, state_dict, source)
     except MicronetError:
         raise

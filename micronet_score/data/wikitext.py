@@ -159,6 +159,8 @@ def _word_array(path: Path) -> np.ndarray:
         raise MicronetError(f"{path}: not a numpy .npy file, or its header is damaged ({_first(exc)})") from None
     if dtype.kind not in "US":
         raise MicronetError(f"{path}: a vocabulary array must hold strings, not {dtype} values (no pickled objects)")
+    if any(d < 0 for d in shape):
+        raise MicronetError(f"{path}: its header claims an impossible shape {shape}")
     needed = math.prod(shape) * dtype.itemsize
     if needed > size:
         raise MicronetError(f"{path}: its header claims shape {shape} of {dtype} ({needed:,} bytes) but the file "

@@ -16,7 +16,7 @@ MAX_EXPANSION = 10
 """A zip archive's members may declare at most this many times the archive's size (plus MAX_SLACK) in all. torch
 writes its records uncompressed (1x); a DEFLATE bomb declares thousands of times its size."""
 MAX_SLACK = 1 << 20
-MAX_MEMBERS = 100_000
+MAX_MEMBERS = 1_000_000
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
