@@ -358,3 +358,99 @@ def test_pt2_eval_on_a_cifar_archive_equals_the_model(cli, cnn, tmp_path):
     assert report["quality"]["value"] == 8 and report["samples"] == 12
     direct = ms.count(cnn, torch.randn(1, 3, 32, 32), track="cifar100")
     assert report["flops"] == pytest.approx(direct.flops)
+
+
+# --- property-based: damaged and mutated archives end in one clear error or a correct count --------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                         st.text(max_size=30), st.lists(st.integers(-3, 10**12), max_size=3),
+                         st.just({"as_int": 10**15}), st.just([{"as_int": -1}]), st.just({}))
+
+
+def _leaf_paths(value, path=()):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaf_paths(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _leaf_paths(item, (*path, i))
+    if path:
+        yield path
+
+
+@st.composite
+def mutated_archives(draw, base: Path) -> bytes:
+    """A real archive with one of: a member's bytes damaged, a JSON member's value replaced or deleted, a member
+    removed, or a member added."""
+    root, content = members(base)
+    names = sorted(content)
+    kind = draw(st.sampled_from(["bytes", "json", "json", "remove", "add"]))
+    name = draw(st.sampled_from([n for n in names if n.endswith(".json")] if kind == "json" else names))
+    if kind == "bytes":
+        data = bytearray(content[name])
+        how = draw(st.sampled_from(["truncate", "flip", "garbage"]))
+        if how == "truncate" or not data:
+            data = data[: draw(st.integers(0, max(len(data) - 1, 0)))]
+        elif how == "flip":
+            for _ in range(draw(st.integers(1, 4))):
+                data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+        else:
+            data = bytearray(draw(st.binary(max_size=256)))
+        content[name] = bytes(data)
+    elif kind == "json":
+        document = json.loads(content[name])
+        paths = list(_leaf_paths(document))
+        path = draw(st.sampled_from(paths))
+        parent = document
+        for key in path[:-1]:
+            parent = parent[key]
+        if draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(_JSON_VALUES)
+        content[name] = json.dumps(document).encode()
+    elif kind == "remove":
+        del content[name]
+    else:
+        content[draw(st.sampled_from(["data/weights/weight_99", "models/other.json", "extra/x", "junk"]))] = (
+            draw(st.binary(max_size=64)))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for member, data in content.items():
+            archive.writestr(f"{root}/{member}", data)
+    return buffer.getvalue()
+
+
+def _one_clear_error_or_a_count(path: Path) -> None:
+    try:
+        report = measure_example(load_model(path), CountOptions(track="cifar100"))
+    except MicronetError as exc:
+        assert str(exc) and "\n" not in str(exc).strip() and len(str(exc)) < 2000
+        return
+    assert report.params >= 0 and report.flops >= 0 and report.samples > 0
+
+
+@pytest.fixture(scope="module")
+def cnn_archive(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pt2") / "cnn.pt2"
+    torch.export.save(torch.export.export(SmallCNN().eval(), (torch.randn(1, 3, 8, 8),)), path)
+    return path
+
+
+def test_mutated_archives(cnn_archive, dynamic_program, tmp_path_factory):
+    @PROPERTY
+    @given(st.data())
+    def run(data):
+        base = data.draw(st.sampled_from([cnn_archive, dynamic_program]))
+        blob = data.draw(mutated_archives(base))
+        path = tmp_path_factory.mktemp("mutated") / "model.pt2"
+        path.write_bytes(blob)
+        _one_clear_error_or_a_count(path)
+
+    run()
