@@ -11,6 +11,7 @@ import io
 import json
 from typing import Literal
 
+from micronet_score.render import printable
 from micronet_score.report import Report
 
 LAYER_COLUMNS = ("name", "type", "params", "nonzeros", "density", "bits", "storage",
@@ -102,7 +103,7 @@ def to_markdown(rows: list[dict], total: dict, by: By) -> str:
     cols = columns(by)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in [*rows, total]:
-        lines.append("| " + " | ".join(_cell(row[c]).replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join(printable(_cell(row[c])).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -375,3 +375,25 @@ def test_npy_arrays_are_what_they_claim(tmp_path):
 
     np.save(tmp_path / "v.npy", np.array(["the", "of", "<eos>"]))
     assert Vocabulary.from_file(tmp_path / "v.npy").words == ("the", "of", "<eos>")
+
+
+def test_module_names_are_escaped_in_tables_and_markdown():
+    """Names reach the breakdown from a program's or a pickled module's own module names."""
+    from rich.console import Console
+
+    from micronet_score import breakdown
+    from micronet_score.render import render_breakdown
+
+    forged = "conv\nerror: forged line\x1b[31m"
+    row = {"name": forged, "calls": 1, "mults": 1.0, "adds": 0.0, "others": 0.0, "flops": 1.0, "share": 1.0}
+    total = {**row, "name": "total"}
+    markdown = breakdown.to_markdown([row], total, "op")
+    assert "\x1b" not in markdown and "conv\\nerror: forged line\\x1b[31m" in markdown
+    out = io.StringIO()
+
+    class _Report:
+        per = "sample"
+
+    render_breakdown([row], total, "op", _Report(), Console(file=out, width=200))
+    assert "\x1b" not in out.getvalue() and "forged line" in out.getvalue()
+    assert not any(line.startswith("error:") for line in out.getvalue().splitlines())
