@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from micronet_score.checkpoint import LoadedModel
 from micronet_score.counting import Counter
-from micronet_score.counting.unchanged import model_unchanged
+from micronet_score.counting.api import training_state_kept
 from micronet_score.errors import MicronetError
 from micronet_score.report import Quality, Report
 from micronet_score.ruleset import DEFAULT_RULES, RuleSet, load_rules
@@ -114,7 +114,7 @@ def _measuring(loaded: LoadedModel, counter: Counter, total: float | None = None
     except NotImplementedError:
         pass  # a torch.export program: its mode was fixed when it was exported
     try:
-        with model_unchanged(model):
+        with training_state_kept(model):
             yield
     except KeyboardInterrupt:
         report = counter.report() if counter.samples > 0 else None
