@@ -294,6 +294,7 @@ def test_pt2_breakdown_rows_equal_the_module(cnn, cnn_program):
     assert {r.name for r in program.layers} == {r.name for r in direct.layers} >= {"stem", "block.conv", "fc"}
     rows = {r.name: r for r in direct.layers}
     for row in program.layers:
+        assert row.type == rows[row.name].type, row.name  # Conv2d, BatchNorm2d, Block... from the program
         assert row.mults == pytest.approx(rows[row.name].mults), row.name
         assert row.adds == pytest.approx(rows[row.name].adds), row.name
         assert row.params == pytest.approx(rows[row.name].params), row.name

@@ -403,7 +403,28 @@ def _runnable(program) -> nn.Module:
     if not _mode_switch_works(module):
         module.train = types.MethodType(_fixed_mode, module)
         module.eval = types.MethodType(_fixed_mode, module)
+    _name_module_types(module, program)
     return module
+
+
+def _name_module_types(module: nn.Module, program) -> None:
+    """Give each rebuilt submodule the class name of the module it was exported from (from the program's
+    ``nn_module_stack`` metadata), so that breakdown rows say ``Conv2d``, not ``InterpreterModule``: the instance's
+    class becomes a subclass of its own class named after the original (behaviour unchanged)."""
+    names: dict[str, str] = {}
+    for node in program.graph.nodes:
+        for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+            text = getattr(kind, "__name__", None) or str(kind).rsplit(".", 1)[-1]
+            if text.isidentifier():
+                names.setdefault(path, text)
+    classes: dict[tuple[type, str], type] = {}
+    for path, submodule in module.named_modules():
+        name = names.get(path)
+        if name and type(submodule).__name__ != name:
+            key = (type(submodule), name)
+            if key not in classes:
+                classes[key] = type(name, (type(submodule),), {"__module__": type(submodule).__module__})
+            submodule.__class__ = classes[key]
 
 
 def _mode_switch_works(module: nn.Module) -> bool:
