@@ -684,11 +684,12 @@ def _plot_tradeoff(reports: dict[str, Report], options: CountOptions, plot: Path
 
 def main() -> None:
     """The ``micronet-score`` command: the app, then standard output flushed here, where a failure to write it
-    (a full disk, a closed pipe) can still become one line and its exit code (see micronet_score.interrupts)."""
+    (a full disk, a closed pipe) can still become one line and its exit code, then the process ends at once
+    (see micronet_score.interrupts)."""
     try:
         app()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     failed = interrupts.flush_stdout()
-    sys.exit(failed if failed is not None else code)
+    interrupts.leave(failed if failed is not None else code)

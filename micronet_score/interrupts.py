@@ -23,6 +23,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 INTERRUPTED = 130
 _state = {"raising": False, "interrupted": False}
@@ -92,6 +93,18 @@ def output_failed(exc: OSError) -> int:
     except OSError:
         pass
     return 2
+
+
+def leave(code: int) -> NoReturn:
+    """End the command with ``code`` once its output is flushed, skipping the interpreter's teardown: Python
+    restores the default SIGINT action while it tears down, so a Ctrl-C then would kill the process by signal
+    (exit -2) instead of ending it with one line."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _silence_stdout() -> None:

@@ -294,8 +294,8 @@ def test_output_to_a_closed_pipe_exits_quietly():
 def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(delay):
     """From the package's first import on (the console script imports it first; Python's own start-up before
     that, some 0.1 s, is out of its reach): during imports, loading, counting or evaluation."""
-    process = subprocess.Popen([shutil.which("micronet-score", path=str(Path(sys.executable).parent)) or "", "eval",
-                                "--limit-tokens", "4000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen([shutil.which("micronet-score", path=str(Path(sys.executable).parent)) or "", "eval"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # the whole demo split: ~20 s
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
@@ -385,7 +385,7 @@ def test_module_names_are_escaped_in_tables_and_markdown():
     from micronet_score.render import render_breakdown
 
     forged = "conv\nerror: forged line\x1b[31m"
-    row = {"name": forged, "calls": 1, "mults": 1.0, "adds": 0.0, "others": 0.0, "flops": 1.0, "share": 1.0}
+    row = {"name": forged, "calls": 1, "mults": 1.0, "adds": 0.0, "others": 0.0, "operations": 1.0, "share": 1.0}
     total = {**row, "name": "total"}
     markdown = breakdown.to_markdown([row], total, "op")
     assert "\x1b" not in markdown and "conv\\nerror: forged line\\x1b[31m" in markdown
