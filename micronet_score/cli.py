@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import sys
 import traceback
@@ -19,19 +20,22 @@ try:  # typer 0.2x vendors click; older typer uses click itself
 except ImportError:  # pragma: no cover - typer < 0.20
     from click.exceptions import UsageError
 
-from micronet_score import __version__, breakdown
+from micronet_score import __version__, breakdown, interrupts
 from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import resolve_device
 from micronet_score.progress import steps
 from micronet_score.render import (
+    MAX_LINE,
     console,
     error_console,
+    printable,
     render_audit,
     render_breakdown,
     render_comparison,
     render_models,
     render_report,
     render_rules,
+    safe,
 )
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES, bundled_rule_names, load_rules
@@ -46,21 +50,27 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx: typer.Context):
         try:
-            return super().invoke(ctx)
+            with interrupts.raising():
+                result = super().invoke(ctx)
+                interrupts.check()  # an interrupt that library code swallowed still ends the command
+            return result
         except (Interrupted, KeyboardInterrupt) as exc:
             text = str(exc) if isinstance(exc, Interrupted) else "interrupted"
-            error_console().print(f"[bold red]{escape(text)}[/]", highlight=False, soft_wrap=True)
+            _error_line(f"[bold red]{safe(text)}[/]")
             raise typer.Exit(130) from None
         except MicronetError as exc:
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            error_console().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _error_line(f"[bold red]error:[/] {escape(printable(str(exc), MAX_LINE))}")
             raise typer.Exit(2) from None
         except UsageError as exc:  # a bad flag or value (--bits 0): the same one line, with where to find usage
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            error_console().print(f"[bold red]error:[/] {escape(exc.format_message())} (see {where} --help)",
-                                  highlight=False, soft_wrap=True)
+            _error_line(f"[bold red]error:[/] {safe(exc.format_message())} (see {safe(where)} --help)")
             raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in _OUTPUT_ERRORS:
+                raise
+            raise typer.Exit(interrupts.output_failed(exc)) from None
 
     def get_params(self, ctx: typer.Context):
         return _flags_as_flags(super().get_params(ctx))
@@ -78,6 +88,14 @@ def _flags_as_flags(params: list) -> list:
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
     return params
+
+
+_OUTPUT_ERRORS = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""Write errors of the output (a closed pipe, a full disk): see micronet_score.interrupts.flush_stdout."""
+
+
+def _error_line(markup: str) -> None:
+    error_console().print(markup, highlight=False, soft_wrap=True)
 
 
 app = typer.Typer(
@@ -570,13 +588,7 @@ def audit_command(
       micronet-score audit model-1.pth --config config.yaml --bits 9 --json
     """
 
-    block_shape = None
-    if block:
-        try:
-            rows, cols = (int(v) for v in block.lower().split("x"))
-        except ValueError:
-            raise MicronetError(f"--block takes ROWSxCOLS such as 4x4, got {block!r}") from None
-        block_shape = (rows, cols)
+    block_shape = _block(block) if block else None
     with steps(2, show=_progress(as_json)) as bar:
         bar.step(f"loading {checkpoint}")
         loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
@@ -588,6 +600,20 @@ def audit_command(
         render_audit(result, console())
     if strict:
         result.raise_if_violations()
+
+
+MAX_BLOCK = 4096
+
+
+def _block(text: str) -> tuple[int, int]:
+    """``--block ROWSxCOLS``: two whole numbers from 1 to MAX_BLOCK."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+        raise MicronetError(f"--block takes ROWSxCOLS such as 4x4, got {printable(text[:40])!r}")
+    rows, cols = (int(p) for p in parts)
+    if not (1 <= rows <= MAX_BLOCK and 1 <= cols <= MAX_BLOCK):
+        raise MicronetError(f"--block {rows}x{cols}: each side must be from 1 to {MAX_BLOCK}")
+    return rows, cols
 
 
 @app.command("models")
@@ -625,7 +651,7 @@ def _emit(report: Report, as_json: bool, title: str, verbose: bool = False) -> N
     else:
         render_report(report, title, console())
         for warning in warning_lines(report.warnings, verbose):
-            error_console().print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+            error_console().print(f"[yellow]warning:[/] {escape(printable(warning, MAX_LINE))}", soft_wrap=True)
 
 
 def _write_picture(picture: bytes, output: Path | None, fmt: str) -> None:
@@ -657,4 +683,13 @@ def _plot_tradeoff(reports: dict[str, Report], options: CountOptions, plot: Path
 
 
 def main() -> None:
-    app()
+    """The ``micronet-score`` command: the app, then standard output flushed here, where a failure to write it
+    (a full disk, a closed pipe) can still become one line and its exit code, then the process ends at once
+    (see micronet_score.interrupts)."""
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    failed = interrupts.flush_stdout()
+    interrupts.leave(failed if failed is not None else code)

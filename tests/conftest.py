@@ -11,6 +11,24 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """Token caches go to a temporary directory (never the user's cache, never the source tree); subprocesses
+    started by the tests inherit it."""
+    import os
+
+    from micronet_score.data.wikitext import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("token-cache")
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
 @pytest.fixture
 def cli():
     """Run the real micronet-score CLI in-process; returns (exit_code, stdout, stderr)."""

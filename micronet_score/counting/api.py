@@ -401,8 +401,8 @@ def _random_state_kept() -> Iterator[None]:
 def training_state_kept(model: nn.Module) -> Iterator[None]:
     """Run something on a model in training and leave its training state as it was: every module's mode, every
     buffer (the same tensor objects, their values restored where a forward wrote them: running statistics,
-    observers, counters), and the random generators. Parameters are not copied (a forward under no_grad does not
-    write them)."""
+    observers, counters), and the random generators; fake quantizers' observers are off meanwhile. Parameters
+    are not copied (a forward under no_grad does not write them)."""
     modes = [(module, module.training) for module in model.modules()]
     buffers = [
         (module, name, tensor, tensor._version, tensor.detach().clone())
@@ -410,6 +410,9 @@ def training_state_kept(model: nn.Module) -> Iterator[None]:
         for name, tensor in module._buffers.items()
         if tensor is not None and tensor.device.type != "meta"
     ]
+    for module in model.modules():  # observers off: the deployed model quantizes with its stored scale and zero
+        if isinstance(module, torch.ao.quantization.FakeQuantizeBase):  # point (the flag is a buffer: restored)
+            module.disable_observer()
     try:
         with _random_state_kept():
             yield
