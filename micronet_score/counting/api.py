@@ -11,13 +11,15 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
+from micronet_score.counting.assemble import build_report
 from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.costs import Prices
 from micronet_score.counting.interpreter import CountingMode, Tally
+from micronet_score.counting.representation import Weights, check_choice
 from micronet_score.counting.shapes import META_FALLBACKS, META_FAST, MetaCopy, data_dependent, to_meta
-from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account
+from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account, settle
 from micronet_score.errors import MicronetError
-from micronet_score.report import LayerRow, OpTotal, Report, UncountedOp
+from micronet_score.report import Report, UncountedOp
 from micronet_score.ruleset import RuleSet, load_rules
 
 
@@ -34,7 +36,11 @@ class Counter:
         weight_bits: Mapping[str, int] | None = None,
         freebie: bool = False,
         strict: bool = False,
+        representation: str = "auto",
     ):
+        """``representation``: how tensors with zeros are stored, "auto" (the cheapest by its effect on the score;
+        by storage without a track), "dense", "masked" (nonzeros + 1-bit mask) or "block" (one bit per block);
+        the dot products follow (zeros are skipped only in a sparse representation)."""
         if not isinstance(model, nn.Module):
             raise MicronetError(f"can only count a torch.nn.Module (got {type(model).__name__})")
         self.model = model
@@ -43,6 +49,8 @@ class Counter:
         self.per = self.rules.tracks[self.track].per if self.track else "sample"
         self.policy = BitPolicy(self.rules, bits, act_bits, dict(weight_bits or {}), freebie)
         self.strict = strict
+        self.representation = check_choice(representation, self.rules)
+        self._choice_weights = Weights.of(self.rules, self.track)
         self.prices = Prices(self.rules)
         walk = Walk.of(model)
         self._modules = walk.modules
@@ -66,7 +74,7 @@ class Counter:
         walk, self._pending_walk = self._pending_walk or Walk.of(self.model), None
         keys = walk.identity()
         if self._table is None or not _same(keys, self._table_keys):
-            self._table = WeightTable.of(self.model, self.policy, walk)
+            self._table = WeightTable.of(self.model, self.policy, walk, self.representation)
             self._table_keys = keys
         else:
             self._table.refresh(self.model, walk)
@@ -87,6 +95,7 @@ class Counter:
         self._norms: dict[str, FoldedNorm] = {}
         self._dropped: set[int] = set()
         self._read: set[int] = set()
+        self._ran: set[str] = set()
         self._meta = False
 
     @contextmanager
@@ -95,7 +104,7 @@ class Counter:
         dim ``sample_dim`` of the model's first input when not given)."""
         table = self._weights()
         mode = CountingMode(self.prices, self.policy, table, self._names, self._output_bits)
-        with _installed(mode):
+        with _installed(mode, self._ran):
             yield self
         self._collect(mode, table, samples, sample_dim, None)
 
@@ -124,7 +133,7 @@ class Counter:
         mode.meta_fallbacks, mode.meta_fast = META_FALLBACKS, META_FAST
         meta_inputs, meta_kwargs = to_meta(inputs), to_meta(forward_kwargs)
         try:
-            with _installed(mode):
+            with _installed(mode, self._ran):
                 meta.model(*meta_inputs, **meta_kwargs)
         except MicronetError:
             raise
@@ -149,6 +158,8 @@ class Counter:
         if meta is not None:  # storages of the meta copy -> the real model's
             norms = {path: replace(n, keys=tuple(meta.real(n.keys))) for path, n in norms.items()}
             dropped, read = meta.real(dropped), meta.real(read)
+        for path, *counts in settle(mode.dot_uses, table, self.policy, float(samples), self._choice_weights):
+            mode.tally.adjust(path, "dot_product", *counts)
         self.samples += float(samples)
         self._tally.merge(mode.tally)
         self._norms.update(norms)
@@ -164,36 +175,10 @@ class Counter:
         for key in self._read:
             if key in table.by_key:
                 table.by_key[key].read = True
-        stored = account(table, list(self._norms.values()), self._dropped, self.policy)
-        n = self.samples
+        storage = account(
+            table, list(self._norms.values()), self._dropped, self.policy, self._choice_weights, self._ran
+        )
         tally = self._tally
-        total_flops = sum(r[3] for r in tally.rows.values()) / n
-        order = {path: i for i, path in enumerate(self._modules)}
-        layers = []
-        for path in sorted(set(stored) | set(tally.rows), key=lambda p: order.get(p, len(order))):
-            s = stored.get(path)
-            m, a, o, f = (v / n for v in tally.rows.get(path, [0.0] * 4))
-            module = self._modules.get(path)
-            layers.append(
-                LayerRow(
-                    name=path,
-                    type=type(module).__name__ if module is not None else "",
-                    params=s.params if s else 0,
-                    nonzeros=s.nonzeros if s else 0,
-                    density=(s.nonzeros / s.params) if s and s.params else None,
-                    bits=s.bits if s else None,
-                    storage=s.storage if s else 0.0,
-                    mults=m,
-                    adds=a,
-                    others=o,
-                    flops=f,
-                    share=f / total_flops if total_flops else 0.0,
-                )
-            )
-        ops = [
-            OpTotal(family=fam, calls=int(v[0]), mults=v[1] / n, adds=v[2] / n, others=v[3] / n, flops=v[4] / n)
-            for fam, v in sorted(tally.families.items(), key=lambda kv: -kv[1][4])
-        ]
         uncounted = [
             UncountedOp(op=op, module=mod, calls=c, elements=e) for (op, mod), (c, e) in tally.uncounted.items()
         ]
@@ -205,31 +190,24 @@ class Counter:
                 f"{len(uncounted)} op(s) have no price in rule set {self.rules.name} and are not counted: "
                 f"{_describe(tally.uncounted)}"
             )
-        params = sum(row.storage for row in layers)
-        flops = sum(row.flops for row in layers)
-        return Report(
-            rules=self.rules.name,
-            track=self.track,
-            samples=n,
-            per=self.per,
-            params=params,
-            flops=flops,
-            mults=sum(row.mults for row in layers),
-            adds=sum(row.adds for row in layers),
-            others=sum(row.others for row in layers),
-            score=self.rules.score(params, flops, self.track) if self.track else None,
-            layers=layers,
-            ops=ops,
-            uncounted=uncounted,
-            conversions=tally.conversions,
-            warnings=warnings,
+        return build_report(
+            self.rules, self.track, self.samples, storage, self._modules, tally.rows, tally.families, uncounted,
+            warnings, tally.conversions,
         )
 
 
 @contextmanager
-def _installed(mode: CountingMode) -> Iterator[None]:
-    """The counting mode and the module hooks that attribute its ops, for the duration of a forward."""
-    pre = register_module_forward_pre_hook(mode.enter)
+def _installed(mode: CountingMode, ran: set[str]) -> Iterator[None]:
+    """The counting mode and the module hooks that attribute its ops, for the duration of a forward; the paths
+    of the modules whose forward ran are added to ``ran``."""
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        path = mode.names.get(id(module))
+        if path is not None:
+            ran.add(path)
+        mode.enter(module, args)
+
+    pre = register_module_forward_pre_hook(enter)
     post = register_module_forward_hook(mode.leave)
     try:
         with mode:
@@ -272,6 +250,7 @@ def count(
     weight_bits: Mapping[str, int] | None = None,
     freebie: bool = False,
     strict: bool = False,
+    representation: str = "auto",
     backend: str = "dispatch",
     samples: float | None = None,
     sample_dim: int = 0,
@@ -298,6 +277,7 @@ def count(
             weight_bits=weight_bits,
             freebie=freebie,
             strict=strict,
+            representation=representation,
             samples=samples,
             sample_dim=sample_dim,
             forward_kwargs=forward_kwargs,
@@ -313,6 +293,7 @@ def count(
         weight_bits=weight_bits,
         freebie=freebie,
         strict=strict,
+        representation=representation,
     )
     if samples is None and example_inputs and isinstance(example_inputs[0], torch.Tensor):
         samples = example_inputs[0].shape[sample_dim] if example_inputs[0].dim() > sample_dim else 1

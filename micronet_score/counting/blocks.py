@@ -1,8 +1,9 @@
 """Block sparsity (rules §1.3): one mask bit per block instead of one per element.
 
 A tensor is viewed as a matrix (dim 0 by the rest, as a weight's rows); a block shape (a, b) tiles it, edge
-blocks being smaller. A block that holds any nonzero is kept whole: its zeros are stored values too. Blocks are
-declared by the user, or detected: a candidate shape fits when every zero of the tensor lies in an all-zero block.
+blocks being smaller. A block that holds any nonzero is kept whole: its zeros are stored values too (and its dot
+products multiply them). Any block shape is a legal representation; ``exact`` says whether every zero of the
+tensor lies in an all-zero block (the shape a pruning by blocks would leave).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ CANDIDATES: tuple[tuple[int, int], ...] = (
     (4, 1),
     (1, 4),
 )
-"""Block shapes tried by detection, largest first."""
+"""Block shapes tried when none is declared, largest first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,32 +42,44 @@ class Blocks:
     """every zero of the tensor lies in an all-zero block"""
 
 
-def tile(values: torch.Tensor, shape: tuple[int, int]) -> Blocks:
-    """The blocks of this shape over a tensor viewed as (dim 0, rest)."""
-    a, b = shape
+def nonzero_matrix(values: torch.Tensor) -> torch.Tensor:
+    """The tensor's nonzero pattern as a float matrix (dim 0 by the rest), the input of :func:`tile`."""
     matrix = values.detach().reshape(values.shape[0] if values.dim() > 1 else 1, -1)
     if matrix.is_quantized:
         matrix = matrix.dequantize()
-    rows, cols = matrix.shape
+    return (matrix != 0).float()
+
+
+def tile(values: torch.Tensor, shape: tuple[int, int], pattern: torch.Tensor | None = None) -> Blocks:
+    """The blocks of this shape over a tensor viewed as (dim 0, rest); ``pattern``: its :func:`nonzero_matrix`,
+    when already made."""
+    a, b = shape
+    nonzero = nonzero_matrix(values) if pattern is None else pattern
+    rows, cols = nonzero.shape
     pad = (0, -cols % b, 0, -rows % a)
-    nonzero = F.pad((matrix != 0).float(), pad)
-    present = F.pad(torch.ones_like(nonzero[:rows, :cols]), pad)
 
     def per_block(x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, pad)
         return x.reshape(x.shape[0] // a, a, x.shape[1] // b, b).sum(dim=(1, 3))
 
-    counts, sizes = per_block(nonzero), per_block(present)
+    counts = per_block(nonzero)
     kept = counts > 0
-    kept_elements = int(sizes[kept].sum())
+    sizes = per_block(torch.ones_like(nonzero)) if any(pad) else None
+    kept_elements = int(sizes[kept].sum()) if sizes is not None else int(kept.sum()) * a * b
     return Blocks(shape, counts.numel(), int(kept.sum()), kept_elements, kept_elements == int(counts.sum()))
+
+
+def candidates(values: torch.Tensor) -> list[Blocks]:
+    """Every candidate block shape over the tensor (one nonzero pattern for all)."""
+    pattern = nonzero_matrix(values)
+    return [tile(values, shape, pattern) for shape in CANDIDATES]
 
 
 def detect(values: torch.Tensor) -> Blocks | None:
     """The largest candidate block shape whose all-zero blocks hold every zero (None: no zeros, or none fits)."""
     if values.dim() < 2:
         return None
-    for shape in CANDIDATES:
-        blocks = tile(values, shape)
+    for blocks in candidates(values):
         if blocks.kept < blocks.blocks and blocks.exact:
             return blocks
     return None

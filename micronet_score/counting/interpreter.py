@@ -71,6 +71,15 @@ class Tally:
             row[1] += elements
         self.conversions += other.conversions
 
+    def adjust(self, path: str, family: str, mults: float, adds: float, others: float, flops: float) -> None:
+        """Change the counts of one module row and family (the dot products of a representation chosen after the
+        forward)."""
+        for values, offset in ((self.rows.setdefault(path, [0.0] * 4), 0), (self.families[family], 1)):
+            values[offset] += mults
+            values[offset + 1] += adds
+            values[offset + 2] += others
+            values[offset + 3] += flops
+
 
 class CountingMode(TorchDispatchMode):
     """Prices each aten op by the rule set and charges it to the running module."""
@@ -99,6 +108,13 @@ class CountingMode(TorchDispatchMode):
         self.first_input_seen: Any = None
         """first_input as it was when the forward ended (finish() forgets first_input)"""
         self.op: Any = None
+        self.dot_operands: list[TensorInfo | None] = []
+        """the stored operand of each dot product of the op being priced, in order (density() appends, record()
+        takes them for the bill's dot_product entries)"""
+        self.dot_uses: dict[int, tuple[TensorInfo, dict[tuple[str, int, int], list[float]]]] = {}
+        """id(info) -> (info, {(module, mult bits, other bits): [mults, adds, others]}) of its dense dot products"""
+        self.watch = {key for key, info in table.by_key.items() if info.is_parameter}
+        """parameters no op has taken yet (any op that takes one marks it read: needed for inference)"""
         self.meta_fallbacks: dict[Any, Any] | None = None
         self.meta_fast: dict[Any, Any] | None = None
         """shape-only counting: outputs of ops that have no meta kernel, by overload packet"""
@@ -131,6 +147,8 @@ class CountingMode(TorchDispatchMode):
             handler = _HANDLERS[func]
         except KeyError:
             handler = resolve(func)
+        if self.watch:
+            self._taken(args)
         if handler is None:
             return out
         if self.converting:
@@ -141,8 +159,18 @@ class CountingMode(TorchDispatchMode):
                 self.tally.conversions += 1
             return out
         self.op = func
+        self.dot_operands = []
         handler(self, args, kwargs, out)
         return out
+
+    def _taken(self, args: tuple) -> None:
+        for arg in args:
+            for tensor in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if isinstance(tensor, torch.Tensor):
+                    key = storage_key(tensor)
+                    if key in self.watch:
+                        self.watch.discard(key)
+                        self.read.add(key)
 
     # --- module attribution -------------------------------------------------------------------------------
 
@@ -227,13 +255,15 @@ class CountingMode(TorchDispatchMode):
         return self.table.packed.get(self.stack[-1]) if self.stack and self.table.packed else None
 
     def density(self, *operands: torch.Tensor) -> float:
-        """Density of the stored (weight) operand of a dot product; activations are dense."""
-        density = 1.0
+        """Density of the stored (weight) operand of a dot product; activations are dense. The weight is noted:
+        its dot products are kept apart (dot_uses) for the representation chosen after the forward."""
+        density, stored = 1.0, None
         for tensor in operands:
             key = storage_key(tensor)
             info = self.weights.get(key) or self.derived.get(key)
-            if info is not None and info.density < density:
-                density = info.density
+            if info is not None and (stored is None or info.density < density):
+                density, stored = info.density, info
+        self.dot_operands.append(stored)
         return density
 
     def record(self, bill: Bill, operands: Any) -> None:
@@ -259,7 +289,9 @@ class CountingMode(TorchDispatchMode):
         if row is None:
             row = tally.rows[path] = [0.0, 0.0, 0.0, 0.0]
         unit, add_bits = self._unit, self._add_bits
+        dots, self.dot_operands = iter(self.dot_operands), []
         for family, counts in bill:
+            dot = next(dots, None) if family == "dot_product" else None
             if counts is None:
                 self.unpriced(f"aten.{self.op.overloadpacket.__name__} ({family}: no price in the rule set)", None)
                 continue
@@ -269,6 +301,12 @@ class CountingMode(TorchDispatchMode):
             row[1] += adds
             row[2] += others
             row[3] += flops
+            if dot is not None:
+                uses = self.dot_uses.setdefault(id(dot), (dot, {}))[1]
+                use = uses.setdefault((path, mult_bits, other_bits), [0.0, 0.0, 0.0])
+                use[0] += mults
+                use[1] += adds
+                use[2] += others
             fam = tally.families.get(family)
             if fam is None:
                 fam = tally.families[family] = [0.0, 0.0, 0.0, 0.0, 0.0]

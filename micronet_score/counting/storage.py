@@ -1,7 +1,9 @@
-"""Storage accounting: every value needed for inference, by storage, at its bit-width, plus sparsity masks.
+"""Storage accounting: every value needed for inference, by storage, at its bit-width, in its representation.
 
-Rules (§1.3): nonzero values at their width, plus a bitmask of the full shape (1 bit per element) for sparse
-tensors; tied tensors count once; frozen parameters count; buffers count when the forward reads them (quantizer
+Rules (§1.3): each tensor is stored dense, as its nonzeros plus a bitmask of the full shape, or block-sparse
+(see :mod:`representation`: the cheapest by its effect on the score, or the one the user forces); tied tensors
+count once; parameters of modules that never ran and that no op read are not needed for inference: they are not
+stored, and are listed by name; frozen parameters count; buffers count when the forward reads them (quantizer
 scales, running statistics); batch norm folds per the rule set (after a conv/linear: one bias per channel;
 elsewhere: a scale and a shift per channel). ``torch.nn.utils.prune`` reparametrisations (and masks saved
 beside their weights as ``<name>_mask``) store the product ``weight_orig * weight_mask``: its nonzeros plus the
@@ -18,8 +20,10 @@ import torch
 from torch import nn
 
 from micronet_score.counting.bits import BitPolicy
+from micronet_score.counting.blocks import Blocks
 from micronet_score.counting.grid import DTYPE_BITS
 from micronet_score.counting.packed import Packed, packed_modules
+from micronet_score.counting.representation import Choice, Representation, Weights, block_options, choose, options
 
 
 def storage_key(tensor: torch.Tensor) -> int:
@@ -81,7 +85,16 @@ class TensorInfo:
     known: bool = True
     read: bool = False
     density: float = 1.0
+    """share of a dot product's terms priced during the forward: always 1 (dense), the representation chosen
+    afterwards keeps its own share (see :func:`representation.choose`)"""
     version: int = -1
+    blocks: list[Blocks] = field(default_factory=list)
+    """block tilings worth pricing for this tensor (values with zeros, rule set permitting)"""
+    uses: float = 0.0
+    """32-bit-equivalent operations per sample of the dot products that read it, priced dense (last measure)"""
+
+    def options(self, mask) -> list[Representation]:
+        return options(self.numel, self.nonzeros, self.bits, mask, self.blocks)
 
 
 @dataclass(slots=True)
@@ -114,11 +127,13 @@ class WeightTable:
     pruned: dict[tuple[int, int], Pruned] = field(default_factory=dict)
     packed: dict[str, Packed] = field(default_factory=dict)
     meta: bool = False
+    policy: BitPolicy | None = None
+    choice: Choice = "auto"
 
     @classmethod
-    def of(cls, model: nn.Module, policy: BitPolicy, walk: Walk | None = None) -> WeightTable:
+    def of(cls, model: nn.Module, policy: BitPolicy, walk: Walk | None = None, choice: Choice = "auto") -> WeightTable:
         walk = walk or Walk.of(model)
-        table = cls()
+        table = cls(policy=policy, choice=choice)
         first: dict[int, torch.Tensor] = {}
         for is_parameter, items in ((True, walk.parameters), (False, walk.buffers)):
             for name, tensor in items:
@@ -172,9 +187,9 @@ class WeightTable:
                 continue
             info.version = tensor._version
             stale.append((info, tensor))
-        for (info, _), (nonzeros, known) in zip(stale, count_nonzeros([t for _, t in stale]), strict=True):
+        for (info, tensor), (nonzeros, known) in zip(stale, count_nonzeros([t for _, t in stale]), strict=True):
             info.nonzeros, info.known = nonzeros, known
-            info.density = nonzeros / info.numel if info.numel else 1.0
+            info.blocks = self._blocks(tensor, info)
             self.meta |= not known
         for pruned in self.pruned.values():
             orig, mask = tensors.get(pruned.orig_key), tensors.get(pruned.mask_key)
@@ -189,8 +204,15 @@ class WeightTable:
                 )
             )
             pruned.info.nonzeros, pruned.info.known = nonzeros, known
-            pruned.info.density = nonzeros / pruned.info.numel if pruned.info.numel else 1.0
+            if known and nonzeros < pruned.info.numel:
+                with torch.no_grad():
+                    pruned.info.blocks = self._blocks(orig.detach() * mask.detach(), pruned.info)
             self.meta |= not known
+
+    def _blocks(self, values: torch.Tensor, info: TensorInfo) -> list[Blocks]:
+        if self.policy is None or not info.known or info.nonzeros >= info.numel:
+            return []
+        return block_options(values, info.nonzeros, info.bits, self.policy.rules.mask, choice=self.choice)
 
     def pruned_keys(self) -> set[int]:
         return {k for p in self.pruned.values() for k in (p.orig_key, p.mask_key)}
@@ -322,22 +344,69 @@ class Stored:
     nonzeros: int = 0
     storage: float = 0.0
     bits: int | None = None
+    representations: list[str] = field(default_factory=list)
+
+    @property
+    def representation(self) -> str | None:
+        """The representation of its tensors: one label, or ``+``-joined when they differ."""
+        return "+".join(dict.fromkeys(self.representations)) or None
 
 
-def account(table: WeightTable, norms: list[FoldedNorm], dropped: set[int], policy: BitPolicy) -> dict[str, Stored]:
-    """Storage per module path: nonzeros * bits + mask bits (sparse tensors), divided by the unit width."""
+@dataclass(slots=True)
+class StoredTensor:
+    """One stored tensor: its values, width, representation and 32-bit-equivalent storage."""
+
+    name: str
+    module: str
+    numel: int
+    nonzeros: int
+    bits: int
+    representation: str
+    storage: float
+
+
+@dataclass(slots=True)
+class Storage:
+    """The storage of a model: per module row, per tensor, and the parameters left out (never needed)."""
+
+    rows: dict[str, Stored]
+    tensors: list[StoredTensor]
+    unused: list[str]
+
+
+def account(
+    table: WeightTable,
+    norms: list[FoldedNorm],
+    dropped: set[int],
+    policy: BitPolicy,
+    weights: Weights = Weights(),
+    ran: set[str] | None = None,
+) -> Storage:
+    """Storage per module path and per tensor: each tensor in its representation (values * bits + mask bits),
+    divided by the unit width. ``ran``: the module paths whose forward ran (None: unknown, every parameter is
+    stored); a parameter no op read whose modules all never ran is not stored."""
     rules = policy.rules
     unit = float(rules.unit_bits)
     rows: dict[str, Stored] = {}
+    tensors: list[StoredTensor] = []
 
-    def add(module: str, numel: int, nonzeros: int, bits: int) -> None:
+    def add(name: str, module: str, numel: int, nonzeros: int, bits: int, shape: Representation) -> None:
         row = rows.setdefault(module, Stored())
-        sparse = nonzeros < numel
-        mask = numel * rules.mask.bits_per_element if (sparse or not rules.mask.only_sparse_tensors) else 0.0
+        storage = shape.bits(bits) / unit
         row.params += numel
         row.nonzeros += nonzeros
-        row.storage += (nonzeros * bits + mask) / unit
+        row.storage += storage
         row.bits = bits if row.bits is None else max(row.bits, bits)
+        row.representations.append(shape.label)
+        tensors.append(StoredTensor(name, module, numel, nonzeros, bits, shape.label, storage))
+
+    def store(name: str, module: str, numel: int, nonzeros: int, bits: int, sparse: bool = False) -> None:
+        """A value that is not a tensor of the table: dense, or (packed weights) masked when it has zeros."""
+        found = options(numel, nonzeros, bits, rules.mask, [])
+        add(name, module, numel, nonzeros, bits, found[-1] if sparse else found[0])
+
+    def choose_for(info: TensorInfo) -> Representation:
+        return choose(info.options(rules.mask), info.bits, unit, table.choice, weights, info.uses)
 
     skip = set(dropped) | table.pruned_keys()
     seen_norms: set[str] = set()
@@ -347,21 +416,80 @@ def account(table: WeightTable, norms: list[FoldedNorm], dropped: set[int], poli
             continue
         seen_norms.add(norm.module)
         values = norm.channels * (1 if norm.folded else 2)
-        add(norm.module, values, values, norm.bits)
+        store(f"{norm.module} (batch norm, {'folded' if norm.folded else 'scale and shift'})", norm.module,
+              values, values, norm.bits)
+    unused: list[str] = []
     for key, info in table.by_key.items():
         if key in skip or not (info.is_parameter or info.read):
             continue
-        add(info.module, info.numel, info.nonzeros, info.bits)
+        if ran is not None and info.is_parameter and not info.read and not _ran(info, ran):
+            unused += info.names
+            continue
+        add(info.names[0], info.module, info.numel, info.nonzeros, info.bits, choose_for(info))
     for pruned in table.pruned.values():
-        add(pruned.info.module, pruned.info.numel, pruned.info.nonzeros, pruned.info.bits)
+        info = pruned.info
+        add(info.names[0], info.module, info.numel, info.nonzeros, info.bits, choose_for(info))
     for packed in table.packed.values():
-        add(packed.module, packed.numel, packed.nonzeros, packed.bits)
-        add(packed.module, packed.scales, packed.scales, rules.default_bits)  # weight scales
-        add(packed.module, packed.scales, packed.scales, packed.bits)  # and their zero points
+        # a packed weight's dot products are priced at its nonzeros (ops.py): stored masked when it has zeros
+        store(f"{packed.module}.weight", packed.module, packed.numel, packed.nonzeros, packed.bits, sparse=True)
+        store(f"{packed.module}.scales", packed.module, packed.scales, packed.scales, rules.default_bits)
+        store(f"{packed.module}.zero_points", packed.module, packed.scales, packed.scales, packed.bits)
         if packed.static:  # output scale and zero point (the requantization of the output)
-            add(packed.module, 1, 1, rules.default_bits)
-            add(packed.module, 1, 1, packed.bits)
+            store(f"{packed.module}.output_scale", packed.module, 1, 1, rules.default_bits)
+            store(f"{packed.module}.output_zero_point", packed.module, 1, 1, packed.bits)
         if packed.bias is not None:
             nonzeros, _ = count_nonzero(packed.bias)
-            add(packed.module, packed.bias.numel(), nonzeros, policy.stored([f"{packed.module}.bias"], True))
-    return rows
+            name = f"{packed.module}.bias"
+            store(name, packed.module, packed.bias.numel(), nonzeros, policy.stored([name], True), sparse=True)
+    return Storage(rows, tensors, unused)
+
+
+def _ran(info: TensorInfo, ran: set[str]) -> bool:
+    """Whether a module holding the tensor (under any of its names) ran."""
+    return any(name.rpartition(".")[0] in ran for name in info.names)
+
+
+Adjustment = tuple[str, float, float, float, float]
+"""(module path, mults, adds, others, flops) to add to the dot_product counts of a module row"""
+
+
+def settle(
+    uses: dict[int, tuple[TensorInfo, dict[tuple[str, int, int], list[float]]]],
+    table: WeightTable,
+    policy: BitPolicy,
+    samples: float,
+    weights: Weights = Weights(),
+) -> list[Adjustment]:
+    """The dot products of each stored tensor, priced dense during the forward, brought to the density of the
+    representation chosen for it (the choice weighs their operations per sample: ``info.uses``).
+
+    A dot product of n terms per output costs n*e + g (e, g: the rule set's per-element and per-group prices);
+    its element part E*e is solved from the mults and adds charged, and a density d keeps d of it."""
+    rules = policy.rules
+    rule = rules.ops.get("dot_product")
+    if rule is None or not uses:
+        return []
+    em, ea, eo = rule.per_element.mults, rule.per_element.adds, rule.per_element.others
+    gm, ga = rule.per_group.mults, rule.per_group.adds
+    det = em * ga - gm * ea
+    unit, add_bits = float(rules.unit_bits), policy.add_bits
+
+    def elements(mults: float, adds: float) -> float:
+        if det:
+            return (mults * ga - gm * adds) / det
+        if em and not gm:
+            return mults / em
+        return adds / ea if ea and not ga else 0.0
+
+    adjustments: list[Adjustment] = []
+    for info, charged in uses.values():
+        terms = {where: elements(m, a) for where, (m, a, _) in charged.items()}
+        info.uses = sum(e * (em * mb + ea * add_bits + eo * ob) for (_, mb, ob), e in terms.items()) / unit / samples
+        shape = choose(info.options(rules.mask), info.bits, unit, table.choice, weights, info.uses)
+        if shape.density == 1.0:
+            continue
+        keep = shape.density - 1.0
+        for (path, mb, ob), e in terms.items():
+            m, a, o = keep * e * em, keep * e * ea, keep * e * eo
+            adjustments.append((path, m, a, o, (m * mb + a * add_bits + o * ob) / unit))
+    return adjustments
