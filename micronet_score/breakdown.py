@@ -13,7 +13,7 @@ from typing import Literal
 
 from micronet_score.report import Report
 
-LAYER_COLUMNS = ("name", "type", "params", "nonzeros", "density", "bits", "storage",
+LAYER_COLUMNS = ("name", "type", "params", "nonzeros", "density", "bits", "storage", "representation",
                  "mults", "adds", "others", "flops", "share")
 OP_COLUMNS = ("name", "calls", "mults", "adds", "others", "flops", "share")
 _SUMMED = ("params", "nonzeros", "storage", "mults", "adds", "others", "flops", "share")
@@ -35,13 +35,17 @@ def module_rows(report: Report, depth: int | None = None) -> list[dict]:
     for layer in report.layers:
         key = _prefix(layer.name, depth)
         row = grouped.setdefault(key, {"name": key, "type": types.get(key, ""), "bits": None,
-                                       **{c: 0 for c in _SUMMED}})
+                                       "representation": {}, **{c: 0 for c in _SUMMED}})
+        for kind in (layer.representation or "").split("+"):
+            if kind:
+                row["representation"][kind] = None
         for column in _SUMMED:
             row[column] += getattr(layer, column)
         if layer.bits is not None:
             row["bits"] = max(row["bits"] or 0, layer.bits)
     for row in grouped.values():
         row["density"] = row["nonzeros"] / row["params"] if row["params"] else None
+        row["representation"] = "+".join(row["representation"]) or None
     return [{c: row[c] for c in LAYER_COLUMNS} for row in grouped.values()]
 
 
@@ -62,8 +66,8 @@ def totals(report: Report, by: By = "module") -> dict:
     bits = [row.bits for row in report.layers if row.bits is not None]
     return {"name": "total", "type": "", "params": params, "nonzeros": nonzeros,
             "density": nonzeros / params if params else None, "bits": max(bits) if bits else None,
-            "storage": report.params, "mults": report.mults, "adds": report.adds, "others": report.others,
-            "flops": report.flops, "share": 1.0 if report.flops else 0.0}
+            "storage": report.params, "representation": None, "mults": report.mults, "adds": report.adds,
+            "others": report.others, "flops": report.flops, "share": 1.0 if report.flops else 0.0}
 
 
 def select(rows: list[dict], sort: SortKey | None = None, top: int | None = None) -> list[dict]:

@@ -142,14 +142,24 @@ Vocab = Annotated[Path | None, typer.Option("--vocab", help="Vocabulary file (th
                                                                "or one word per line).")]
 Labels = Annotated[Path | None, typer.Option("--labels", help="ImageNet labels file for an image folder.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")]
+class Stored(str, Enum):
+    auto = "auto"
+    dense = "dense"
+    masked = "masked"
+    block = "block"
+
+
+RepresentationOption = Annotated[Stored, typer.Option(
+    "--representation", help="How tensors with zeros are stored: auto (the cheapest by the score; by storage without "
+    "a track), dense, masked (nonzeros + 1-bit mask) or block (one bit per block); dot products follow.")]
 ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes on a meta copy, computing nothing "
                                                               "(same totals; not for data-dependent models).")]
 
 
 def _options(rules: str, track: str | None, bits: int | None, act_bits: int | None, freebie: bool,
-             strict: bool) -> CountOptions:
+             strict: bool, representation: Stored = Stored.auto) -> CountOptions:
     return CountOptions(rules=load_rules(rules), track=track, bits=bits, act_bits=act_bits, freebie=freebie,
-                        strict=strict)
+                        strict=strict, representation=representation.value)
 
 
 def _load(checkpoint: Path | None, model: str | None, config: Path | None, device: str, trust_pickle: bool):
@@ -208,6 +218,7 @@ def eval_command(
     vocab: Vocab = None,
     labels: Labels = None,
     strict: Strict = False,
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
 ) -> None:
@@ -230,7 +241,7 @@ def eval_command(
 
         checkpoint, demo_config, demo_data = demo_paths()
         config, data = config or demo_config, data or demo_data
-    options = _options(rules, track, bits, act_bits, freebie, strict)
+    options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     loaded = _load(checkpoint, model, config, device, trust_pickle)
     if data is None:
         raise MicronetError("eval needs the test data (--data); `micronet-score count` counts without data")
@@ -252,6 +263,7 @@ def count_command(
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
     shape_only: ShapeOnly = False,
+    representation: RepresentationOption = Stored.auto,
     as_json: AsJson = False,
 ) -> None:
     """Storage, operations and score without the quality metric, on the architecture's example input.
@@ -267,7 +279,7 @@ def count_command(
 
       micronet-score count wrn.pt --shape-only
     """
-    options = _options(rules, track, bits, act_bits, freebie, strict)
+    options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     loaded = _load(checkpoint, model, config, device, trust_pickle)
     report = measure_example(loaded, options, device=resolve_device(device), shape_only=shape_only)
     _emit(_declared_widths_checked(loaded, options, report), as_json, f"{loaded.name}: {checkpoint}")
@@ -313,6 +325,7 @@ def breakdown_command(
     model: ModelName = None,
     device: Device = "cpu",
     strict: Strict = False,
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Tables per layer or per op: parameters, nonzeros, density, bits, storage, mults, adds, others, operations
@@ -324,7 +337,7 @@ def breakdown_command(
 
       micronet-score breakdown wrn.pt --model wrn-28-10 --by op --format csv > ops.csv
     """
-    options = _options(rules, track, bits, act_bits, freebie, strict)
+    options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     loaded = _load(checkpoint, model, config, device, trust_pickle)
     report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(fmt != "table"))
     by_ = by.value
@@ -382,6 +395,7 @@ def audit_command(
     config: Config = None,
     model: ModelName = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 2 when a declared width does not hold.")] = False,
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
 ) -> None:
@@ -409,7 +423,7 @@ def audit_command(
     declares = callable(getattr(loaded.model, "declared_weight_bits", None))
     weight_bits = loaded.model.declared_weight_bits(bits) if declares and bits else None
     result = audit(loaded.model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=load_rules(rules),
-                   block_shape=block_shape)
+                   block_shape=block_shape, representation=representation.value)
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:

@@ -16,7 +16,14 @@ from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.costs import Prices
 from micronet_score.counting.interpreter import CountingMode, Tally
 from micronet_score.counting.representation import Weights, check_choice
-from micronet_score.counting.shapes import META_FALLBACKS, META_FAST, MetaCopy, data_dependent, to_meta
+from micronet_score.counting.shapes import (
+    META_FALLBACKS,
+    META_FAST,
+    MetaCopy,
+    attention_as_on,
+    data_dependent,
+    to_meta,
+)
 from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account, settle
 from micronet_score.errors import MicronetError
 from micronet_score.report import Report, UncountedOp
@@ -96,6 +103,8 @@ class Counter:
         self._dropped: set[int] = set()
         self._read: set[int] = set()
         self._ran: set[str] = set()
+        self._notes: dict[str, None] = {}
+        """why a total may differ from the real run's (shape-only), in order, for the report's warnings"""
         self._meta = False
 
     @contextmanager
@@ -132,14 +141,17 @@ class Counter:
         mode = CountingMode(self.prices, self.policy, meta.table(table), names, output_bits)
         mode.meta_fallbacks, mode.meta_fast = META_FALLBACKS, META_FAST
         meta_inputs, meta_kwargs = to_meta(inputs), to_meta(forward_kwargs)
+        real = next(iter(self._walk.keyed().values()), None)
+        device = real.device if real is not None and real.device.type != "meta" else torch.device("cpu")
         try:
-            with _installed(mode, self._ran):
+            with _installed(mode, self._ran), attention_as_on(device) as reasons:
                 meta.model(*meta_inputs, **meta_kwargs)
         except MicronetError:
             raise
         except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError) as err:
             raise data_dependent(err) from err
         self._collect(mode, table, samples, sample_dim, meta)
+        self._notes.update(dict.fromkeys(reasons))
         return self
 
     def _collect(
@@ -182,7 +194,7 @@ class Counter:
         uncounted = [
             UncountedOp(op=op, module=mod, calls=c, elements=e) for (op, mod), (c, e) in tally.uncounted.items()
         ]
-        warnings = []
+        warnings = list(self._notes)
         if self._meta or table.meta:
             warnings.append("meta tensors have no values: their density is unknown, so weights are counted dense")
         if uncounted:
