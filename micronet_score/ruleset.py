@@ -14,7 +14,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from micronet_score.errors import RuleError
 
@@ -125,6 +134,19 @@ class FoldingPolicy(_Strict):
     layer_norm_affine: Literal["keep", "fold"]
 
 
+class StoragePolicy(_Strict):
+    """Values stored beside the weights: a batch norm's, by how it folds; a quantized tensor's scales and zero
+    points."""
+
+    batch_norm_values: dict[Literal["bias", "scale_shift"], NonNegativeInt] = Field(
+        default={"bias": 1, "scale_shift": 2}, description="values stored per channel, by the folding of [folding]"
+    )
+    scale_bits: PositiveInt = Field(default=32, description="width of a quantization scale (fp32)")
+    zero_point_bits: PositiveInt | Literal["values"] = Field(
+        default="values", description="width of a zero point: a number of bits, or the width of the values"
+    )
+
+
 class RuleSet(_Strict):
     """A complete rule set. ``ops`` may omit families: ops of a missing family are reported as uncounted."""
 
@@ -137,6 +159,7 @@ class RuleSet(_Strict):
     freebie: Freebie
     mask: MaskPolicy
     folding: FoldingPolicy
+    storage: StoragePolicy = StoragePolicy()
     tracks: dict[str, Track]
     ops: dict[str, OpRule]
     source: str = Field(default="", exclude=True)

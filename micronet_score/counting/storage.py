@@ -4,10 +4,10 @@ Rules (§1.3): each tensor is stored dense, as its nonzeros plus a bitmask of th
 (see :mod:`representation`: the cheapest by its effect on the score, or the one the user forces); tied tensors
 count once; parameters of modules that never ran and that no op read are not needed for inference: they are not
 stored, and are listed by name; frozen parameters count; buffers count when the forward reads them (quantizer
-scales, running statistics); batch norm folds per the rule set (after a conv/linear: one bias per channel;
-elsewhere: a scale and a shift per channel). ``torch.nn.utils.prune`` reparametrisations (and masks saved
-beside their weights as ``<name>_mask``) store the product ``weight_orig * weight_mask``: its nonzeros plus the
-mask. Tensors of a narrow integer or quantized dtype count at that width unless declared otherwise; the packed
+scales, running statistics); batch norm folds per the rule set (``[folding]``; the values it stores per channel,
+and the widths of scales and zero points, are ``[storage]`` data). ``torch.nn.utils.prune`` reparametrisations
+(and masks saved beside their weights as ``<name>_mask``) store the product ``weight_orig * weight_mask``, in its
+representation. Tensors of a narrow integer or quantized dtype count at that width unless declared otherwise; the packed
 weights of torch.ao quantized modules count at their width, with their scales, zero points and float bias.
 """
 
@@ -415,9 +415,9 @@ def account(
         if norm.module in seen_norms:
             continue
         seen_norms.add(norm.module)
-        values = norm.channels * (1 if norm.folded else 2)
-        store(f"{norm.module} (batch norm, {'folded' if norm.folded else 'scale and shift'})", norm.module,
-              values, values, norm.bits)
+        folding = rules.folding.batch_norm_after_linear if norm.folded else rules.folding.batch_norm_elsewhere
+        values = norm.channels * rules.storage.batch_norm_values[folding]
+        store(f"{norm.module} (batch norm: {folding})", norm.module, values, values, norm.bits)
     unused: list[str] = []
     for key, info in table.by_key.items():
         if key in skip or not (info.is_parameter or info.read):
@@ -432,11 +432,13 @@ def account(
     for packed in table.packed.values():
         # a packed weight's dot products are priced at its nonzeros (ops.py): stored masked when it has zeros
         store(f"{packed.module}.weight", packed.module, packed.numel, packed.nonzeros, packed.bits, sparse=True)
-        store(f"{packed.module}.scales", packed.module, packed.scales, packed.scales, rules.default_bits)
-        store(f"{packed.module}.zero_points", packed.module, packed.scales, packed.scales, packed.bits)
+        scale_bits = rules.storage.scale_bits
+        zero_bits = packed.bits if rules.storage.zero_point_bits == "values" else rules.storage.zero_point_bits
+        store(f"{packed.module}.scales", packed.module, packed.scales, packed.scales, scale_bits)
+        store(f"{packed.module}.zero_points", packed.module, packed.scales, packed.scales, zero_bits)
         if packed.static:  # output scale and zero point (the requantization of the output)
-            store(f"{packed.module}.output_scale", packed.module, 1, 1, rules.default_bits)
-            store(f"{packed.module}.output_zero_point", packed.module, 1, 1, packed.bits)
+            store(f"{packed.module}.output_scale", packed.module, 1, 1, scale_bits)
+            store(f"{packed.module}.output_zero_point", packed.module, 1, 1, zero_bits)
         if packed.bias is not None:
             nonzeros, _ = count_nonzero(packed.bias)
             name = f"{packed.module}.bias"
