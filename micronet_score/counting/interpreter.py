@@ -21,6 +21,9 @@ from micronet_score.counting.ops import FREE, TABLE, Handler
 from micronet_score.counting.packed import Packed
 from micronet_score.counting.storage import FoldedNorm, TensorInfo, WeightTable, storage_key
 
+_in_backward = torch._C._current_graph_task_id
+"""-1 outside autograd's backward pass; the id of the graph task while it runs (on any thread)."""
+
 _HANDLERS: dict[Any, Handler | None] = {}
 """aten OpOverload -> handler (None: free), filled on first sight of each overload."""
 
@@ -115,6 +118,8 @@ class CountingMode(TorchDispatchMode):
         """id(info) -> (info, {(module, mult bits, other bits): [mults, adds, others]}) of its dense dot products"""
         self.watch = {key for key, info in table.by_key.items() if info.is_parameter}
         """parameters no op has taken yet (any op that takes one marks it read: needed for inference)"""
+        self.backward_ops = 0
+        """ops run by autograd's backward pass while counting: training work, never counted"""
         self.meta_fallbacks: dict[Any, Any] | None = None
         self.meta_fast: dict[Any, Any] | None = None
         """shape-only counting: outputs of ops that have no meta kernel, by overload packet"""
@@ -143,6 +148,9 @@ class CountingMode(TorchDispatchMode):
             if fallback is None:
                 raise
             out = fallback(args, kwargs)  # shape-only: an op without a meta kernel, its output shapes known
+        if _in_backward() != -1:
+            self.backward_ops += 1
+            return out
         try:
             handler = _HANDLERS[func]
         except KeyError:
