@@ -70,9 +70,45 @@ def tile(values: torch.Tensor, shape: tuple[int, int], pattern: torch.Tensor | N
 
 
 def candidates(values: torch.Tensor) -> list[Blocks]:
-    """Every candidate block shape over the tensor (one nonzero pattern for all)."""
-    pattern = nonzero_matrix(values)
-    return [tile(values, shape, pattern) for shape in CANDIDATES]
+    """Every candidate block shape over the tensor, in :data:`CANDIDATES` order.
+
+    One pass builds the nonzero pattern padded to multiples of 16; the counts per 2x2, 4x1 and 1x4 block are
+    summed from it, and every larger candidate from a smaller one (4x4 from 2x2, 8x1 from 4x1, ...), so a large
+    tensor is read three times, not once per shape. Padding holds no nonzeros; block sizes count real elements."""
+    matrix = values.detach().reshape(values.shape[0] if values.dim() > 1 else 1, -1)
+    if matrix.is_quantized:
+        matrix = matrix.dequantize()
+    rows, cols = matrix.shape
+    pattern = torch.zeros(rows + (-rows % 16), cols + (-cols % 16), dtype=torch.uint8)
+    pattern[:rows, :cols] = matrix != 0
+
+    def pool(counts: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Sums of a x b blocks, as a*b strided slices added (ten times faster than a strided reduction)."""
+        total = counts[0::a, 0::b].to(torch.int16, copy=True)  # at most 256 nonzeros in a block
+        for i in range(a):
+            for j in range(b):
+                if i or j:
+                    total += counts[i::a, j::b]
+        return total
+
+    counts = {(2, 2): pool(pattern, 2, 2), (4, 1): pool(pattern, 4, 1), (1, 4): pool(pattern, 1, 4)}
+    for (a, b), (sa, sb), (fa, fb) in (
+        ((4, 4), (2, 2), (2, 2)), ((8, 8), (4, 4), (2, 2)), ((16, 16), (8, 8), (2, 2)),
+        ((8, 1), (4, 1), (2, 1)), ((16, 1), (8, 1), (2, 1)),
+        ((1, 8), (1, 4), (1, 2)), ((1, 16), (1, 8), (1, 2)),
+    ):
+        counts[(a, b)] = pool(counts[(sa, sb)], fa, fb)
+    found = []
+    for a, b in CANDIDATES:
+        grid = counts[(a, b)][: -(-rows // a), : -(-cols // b)]
+        kept = grid > 0
+        heights = torch.full((grid.shape[0],), a, dtype=torch.int64)
+        heights[-1] = rows - a * (grid.shape[0] - 1)
+        widths = torch.full((grid.shape[1],), b, dtype=torch.int64)
+        widths[-1] = cols - b * (grid.shape[1] - 1)
+        kept_elements = int((kept * heights[:, None] * widths[None, :]).sum())
+        found.append(Blocks((a, b), grid.numel(), int(kept.sum()), kept_elements, kept_elements == int(grid.sum())))
+    return found
 
 
 def detect(values: torch.Tensor) -> Blocks | None:
