@@ -376,7 +376,7 @@ def compare_command(
         reports[str(path)] = measure_example(_load(path, model, None, device, trust_pickle), options,
                                              device=resolve_device(device))
     if as_json:
-        sys.stdout.write(json.dumps({name: r.model_dump(mode="json", exclude={"layers"})
+        sys.stdout.write(json.dumps({name: r.model_dump(mode="json", exclude={"layers", "tensors"})
                                      for name, r in reports.items()}, indent=2) + "\n")
     else:
         render_comparison(reports, console())
