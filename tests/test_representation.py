@@ -123,6 +123,35 @@ def test_block_sparse_dot_products_multiply_the_zeros_of_kept_blocks():
     assert report.mults == 36
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_fused_kernel_scales_only_the_dot_products_of_its_sparse_weight(grad):
+    """nn.MultiheadAttention (embed 16, 2 heads, 5 tokens; without grad torch runs one fused kernel for the
+    projections and the attention, with grad the separate ops). out_proj's rows 0-7 are zero: 8x8 blocks keep
+    2 of 4 (128 values + 4 bits, cheaper than 128 + a 256-bit mask), density 1/2. Dot-product mults by hand:
+    in_proj 5*48*16 = 3,840, Q K^T 2*5*5*8 = 400, weights x V 2*5*8*5 = 400, out_proj 5*16*16 / 2 = 640."""
+    torch.manual_seed(0)
+    model = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    with torch.no_grad():
+        model.out_proj.weight[:8] = 0
+    x = torch.randn(1, 5, 16)
+
+    class Self(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = model
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    counter = ms.Counter(Self())
+    with torch.set_grad_enabled(grad), counter.measure(samples=1):  # with grad: the unfused ops
+        counter.model(x)
+    report = counter.report()
+    assert report.family("dot_product").mults == 3840 + 400 + 400 + 640
+    row = {t.name: t for t in report.tensors}["attention.out_proj.weight"]
+    assert row.representation == "block 8x8" and row.storage * 32 == 128 * 32 + 4
+
+
 class UnusedNet(nn.Module):
     """fvcore's "unused module" test case: fc1 10 -> 10, relu, fc2 10 -> 1; ``unused`` (10 -> 10) never runs."""
 

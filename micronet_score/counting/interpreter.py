@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from micronet_score.counting.bits import BitPolicy, Marks
-from micronet_score.counting.costs import Bill, Prices
+from micronet_score.counting.costs import Bill, Prices, dot_product
 from micronet_score.counting.grid import QUANTIZED
 from micronet_score.counting.ops import FREE, TABLE, Handler
 from micronet_score.counting.packed import Packed
@@ -111,11 +111,11 @@ class CountingMode(TorchDispatchMode):
         self.first_input_seen: Any = None
         """first_input as it was when the forward ended (finish() forgets first_input)"""
         self.op: Any = None
-        self.dot_operands: list[TensorInfo | None] = []
-        """the stored operand of each dot product of the op being priced, in order (density() appends, record()
-        takes them for the bill's dot_product entries)"""
-        self.dot_uses: dict[int, tuple[TensorInfo, dict[tuple[str, int, int], list[float]]]] = {}
-        """id(info) -> (info, {(module, mult bits, other bits): [mults, adds, others]}) of its dense dot products"""
+        self.dot_operands: list[tuple[TensorInfo, float]] = []
+        """the stored weights of the op being priced and their dot-product terms (weighted_dot() appends, record()
+        takes them)"""
+        self.dot_uses: dict[int, tuple[TensorInfo, dict[tuple[str, int, int], float]]] = {}
+        """id(info) -> (info, {(module, mult bits, other bits): terms}): the dense dot products of each weight"""
         self.watch = {key for key, info in table.by_key.items() if info.is_parameter}
         """parameters no op has taken yet (any op that takes one marks it read: needed for inference)"""
         self.backward_ops = 0
@@ -262,17 +262,17 @@ class CountingMode(TorchDispatchMode):
         """The packed weight of the running torch.ao quantized module."""
         return self.table.packed.get(self.stack[-1]) if self.stack and self.table.packed else None
 
-    def density(self, *operands: torch.Tensor) -> float:
-        """Density of the stored (weight) operand of a dot product; activations are dense. The weight is noted:
-        its dot products are kept apart (dot_uses) for the representation chosen after the forward."""
-        density, stored = 1.0, None
+    def weighted_dot(self, terms: float, outputs: float, *operands: torch.Tensor) -> Bill:
+        """Dot products of ``terms`` terms per output whose weight is a stored operand (the first found among
+        ``operands``; activations are dense). Priced dense: the weight's terms x outputs are kept apart
+        (dot_uses), and its representation, chosen after the forward, keeps its share of them."""
         for tensor in operands:
             key = storage_key(tensor)
             info = self.weights.get(key) or self.derived.get(key)
-            if info is not None and (stored is None or info.density < density):
-                density, stored = info.density, info
-        self.dot_operands.append(stored)
-        return density
+            if info is not None:
+                self.dot_operands.append((info, terms * outputs))
+                break
+        return dot_product(self.prices, terms, outputs)
 
     def record(self, bill: Bill, operands: Any) -> None:
         """Charge a bill: mults and others at the largest operand width (operands: tensors, or known widths as
@@ -297,9 +297,11 @@ class CountingMode(TorchDispatchMode):
         if row is None:
             row = tally.rows[path] = [0.0, 0.0, 0.0, 0.0]
         unit, add_bits = self._unit, self._add_bits
-        dots, self.dot_operands = iter(self.dot_operands), []
+        for info, terms in self.dot_operands:
+            uses = self.dot_uses.setdefault(id(info), (info, {}))[1]
+            uses[(path, mult_bits, other_bits)] = uses.get((path, mult_bits, other_bits), 0.0) + terms
+        self.dot_operands = []
         for family, counts in bill:
-            dot = next(dots, None) if family == "dot_product" else None
             if counts is None:
                 self.unpriced(f"aten.{self.op.overloadpacket.__name__} ({family}: no price in the rule set)", None)
                 continue
@@ -309,12 +311,6 @@ class CountingMode(TorchDispatchMode):
             row[1] += adds
             row[2] += others
             row[3] += flops
-            if dot is not None:
-                uses = self.dot_uses.setdefault(id(dot), (dot, {}))[1]
-                use = uses.setdefault((path, mult_bits, other_bits), [0.0, 0.0, 0.0])
-                use[0] += mults
-                use[1] += adds
-                use[2] += others
             fam = tally.families.get(family)
             if fam is None:
                 fam = tally.families[family] = [0.0, 0.0, 0.0, 0.0, 0.0]

@@ -42,13 +42,13 @@ def _tensors(args: tuple) -> list[torch.Tensor]:
 
 def _mm(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
     a, b = args[0], args[1]
-    ctx.record(costs.dot_product(ctx.prices, a.shape[-1], out.numel(), ctx.density(a, b)), (a, b))
+    ctx.record(ctx.weighted_dot(a.shape[-1], out.numel(), a, b), (a, b))
     ctx.linear_output(out)
 
 
 def _addmm(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
     a, b = args[1], args[2]  # args[0] is the bias: added at the accumulator width, it sets no multiply width
-    bill = costs.dot_product(ctx.prices, a.shape[-1], out.numel(), ctx.density(a, b))
+    bill = ctx.weighted_dot(a.shape[-1], out.numel(), a, b)
     if kwargs.get("beta", 1) != 0:
         bill += costs.bias(ctx.prices, out.numel())
     ctx.record(bill, (a, b))
@@ -63,7 +63,7 @@ def _convolution(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None
         terms = x.numel() * (weight.numel() // weight.shape[0]) / outputs
     else:
         terms = weight.numel() // weight.shape[0]  # cin/groups * prod(kernel)
-    bill = costs.dot_product(ctx.prices, terms, outputs, ctx.density(weight))
+    bill = ctx.weighted_dot(terms, outputs, weight)
     if bias is not None:
         bill += costs.bias(ctx.prices, outputs)
     ctx.record(bill, (x, weight))
@@ -109,7 +109,7 @@ def _projection(ctx: CountingMode, x: torch.Tensor, weight: torch.Tensor, rows: 
     """x @ weight[rows].T + bias: dot products of the input width, one bias add per output."""
     out_features = weight.shape[0] if rows is None else (rows.stop - rows.start)
     outputs = x.numel() // x.shape[-1] * out_features
-    return costs.dot_product(ctx.prices, x.shape[-1], outputs, ctx.density(weight)) + costs.bias(ctx.prices, outputs)
+    return ctx.weighted_dot(x.shape[-1], outputs, weight) + costs.bias(ctx.prices, outputs)
 
 
 def _mha_bill(
@@ -158,7 +158,7 @@ def _encoder_layer(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> No
     hidden = ffn_w1.shape[0]
     bill += _projection(ctx, src, ffn_w1)
     bill += costs.elementwise(ctx.prices, "gelu" if use_gelu else "relu", rows * hidden)
-    bill += costs.dot_product(ctx.prices, hidden, elements, ctx.density(ffn_w2)) + costs.bias(ctx.prices, elements)
+    bill += ctx.weighted_dot(hidden, elements, ffn_w2) + costs.bias(ctx.prices, elements)
     bill += costs.elementwise(ctx.prices, "add", elements)  # residual
     bill += costs.normalization(ctx.prices, elements, rows, affine)
     ctx.record(bill, (src, qkv_w))
@@ -169,8 +169,8 @@ def _mkldnn_rnn_layer(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) ->
     mode, hidden, has_biases = args[9], args[10], args[12]
     steps = out[0].numel() // hidden  # time steps x batch
     gates = w_ih.shape[0]
-    bill = costs.dot_product(ctx.prices, w_ih.shape[1], steps * gates, ctx.density(w_ih))
-    bill += costs.dot_product(ctx.prices, w_hh.shape[1], steps * gates, ctx.density(w_hh))
+    bill = ctx.weighted_dot(w_ih.shape[1], steps * gates, w_ih)
+    bill += ctx.weighted_dot(w_hh.shape[1], steps * gates, w_hh)
     if has_biases:
         bill += costs.bias(ctx.prices, 2 * steps * gates)
     if gates == 4 * hidden:

@@ -74,7 +74,8 @@ class Walk:
 
 @dataclass(slots=True)
 class TensorInfo:
-    """A stored tensor of the model: where it lives, its width, and its nonzeros (density of its operand)."""
+    """A stored tensor of the model: where it lives, its width, its nonzeros and block tilings (from which its
+    representation is chosen), and the dot products that read it."""
 
     names: list[str]
     module: str
@@ -84,9 +85,6 @@ class TensorInfo:
     nonzeros: int
     known: bool = True
     read: bool = False
-    density: float = 1.0
-    """share of a dot product's terms priced during the forward: always 1 (dense), the representation chosen
-    afterwards keeps its own share (see :func:`representation.choose`)"""
     version: int = -1
     blocks: list[Blocks] = field(default_factory=list)
     """block tilings worth pricing for this tensor (values with zeros, rule set permitting)"""
@@ -456,36 +454,24 @@ Adjustment = tuple[str, float, float, float, float]
 
 
 def settle(
-    uses: dict[int, tuple[TensorInfo, dict[tuple[str, int, int], list[float]]]],
+    uses: dict[int, tuple[TensorInfo, dict[tuple[str, int, int], float]]],
     table: WeightTable,
     policy: BitPolicy,
     samples: float,
     weights: Weights = Weights(),
 ) -> list[Adjustment]:
-    """The dot products of each stored tensor, priced dense during the forward, brought to the density of the
-    representation chosen for it (the choice weighs their operations per sample: ``info.uses``).
-
-    A dot product of n terms per output costs n*e + g (e, g: the rule set's per-element and per-group prices);
-    its element part E*e is solved from the mults and adds charged, and a density d keeps d of it."""
+    """The dot products of each stored tensor, priced dense during the forward (``uses``: terms x outputs by
+    module and widths), brought to the density of the representation chosen for it; the choice weighs their
+    operations per sample (kept in ``info.uses``). A density d keeps d of the per-term price (the rule set's
+    per-element dot-product price); the per-output part does not change."""
     rules = policy.rules
     rule = rules.ops.get("dot_product")
     if rule is None or not uses:
         return []
     em, ea, eo = rule.per_element.mults, rule.per_element.adds, rule.per_element.others
-    gm, ga = rule.per_group.mults, rule.per_group.adds
-    det = em * ga - gm * ea
     unit, add_bits = float(rules.unit_bits), policy.add_bits
-
-    def elements(mults: float, adds: float) -> float:
-        if det:
-            return (mults * ga - gm * adds) / det
-        if em and not gm:
-            return mults / em
-        return adds / ea if ea and not ga else 0.0
-
     adjustments: list[Adjustment] = []
-    for info, charged in uses.values():
-        terms = {where: elements(m, a) for where, (m, a, _) in charged.items()}
+    for info, terms in uses.values():
         info.uses = sum(e * (em * mb + ea * add_bits + eo * ob) for (_, mb, ob), e in terms.items()) / unit / samples
         shape = choose(info.options(rules.mask), info.bits, unit, table.choice, weights, info.uses)
         if shape.density == 1.0:
