@@ -14,13 +14,12 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from micronet_score.counting.assemble import build_report
 from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.costs import Prices
-from micronet_score.counting.interpreter import CountingMode, Tally
+from micronet_score.counting.interpreter import CountingMode, Tally, Uncounted
 from micronet_score.counting.representation import Weights, check_choice
 from micronet_score.counting.shapes import (
     META_FALLBACKS,
     META_FAST,
     MetaCopy,
-    attention_as_on,
     data_dependent,
     to_meta,
 )
@@ -46,8 +45,6 @@ class Measured:
     """ops of autograd's backward pass seen while measuring (never counted)"""
     ran: set[str] = field(default_factory=set)
     """paths of the modules whose forward ran (parameters of the others, read by no op, are not stored)"""
-    notes: dict[str, None] = field(default_factory=dict)
-    """why a total may differ from the real run's (shape-only), in order, for the report's warnings"""
 
 
 class Counter:
@@ -212,17 +209,14 @@ class Counter:
         mode = CountingMode(self.prices, self.policy, meta.table(table), names, output_bits)
         mode.meta_fallbacks, mode.meta_fast = META_FALLBACKS, META_FAST
         meta_inputs, meta_kwargs = to_meta(inputs), to_meta(forward_kwargs)
-        real = next(iter(self._walk.keyed().values()), None)
-        device = real.device if real is not None and real.device.type != "meta" else torch.device("cpu")
         try:
-            with _installed(mode, into.ran), attention_as_on(device) as reasons, torch.no_grad():
+            with _installed(mode, into.ran), torch.no_grad():
                 meta.model(*meta_inputs, **meta_kwargs)
         except MicronetError:
             raise
         except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError) as err:
             raise data_dependent(err) from err
         self._collect(mode, table, samples, sample_dim, meta, into, training)
-        into.notes.update(dict.fromkeys(reasons))
 
     def _real_pass(
         self, inputs: tuple, forward_kwargs: dict[str, Any], samples: float, into: Measured, inference: bool
@@ -289,9 +283,10 @@ class Counter:
         )
         tally = measured.tally
         uncounted = [
-            UncountedOp(op=op, module=mod, calls=c, elements=e) for (op, mod), (c, e) in tally.uncounted.items()
+            UncountedOp(op=op, module=mod, calls=u.calls, elements=u.elements)
+            for (op, mod), u in tally.uncounted.items()
         ]
-        warnings = [*_loop_warnings(measured), *measured.notes]
+        warnings = _loop_warnings(measured)
         if measured.meta or table.meta:
             warnings.append("meta tensors have no values: their density is unknown, so weights are counted dense")
         if uncounted:
@@ -443,8 +438,8 @@ def _load_rules(rules: str | RuleSet) -> RuleSet:
     return loaded
 
 
-def _describe(uncounted: dict[tuple[str, str], list[int]]) -> str:
-    return ", ".join(f"{op} in {module or '<root>'} ({calls}x)" for (op, module), (calls, _) in uncounted.items())
+def _describe(uncounted: dict[tuple[str, str], Uncounted]) -> str:
+    return ", ".join(f"{op} in {module or '<root>'} ({u.calls}x)" for (op, module), u in uncounted.items())
 
 
 def count(

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
+from micronet_score.counting.interpreter import Counts, FamilyCounts
 from micronet_score.counting.storage import Storage
 from micronet_score.report import LayerRow, OpTotal, Report, TensorRow, UncountedOp
 from micronet_score.ruleset import RuleSet
-
-Counts = Sequence[float]
-"""(mults, adds, others, flops) raw over everything measured"""
 
 
 def build_report(
@@ -19,20 +17,21 @@ def build_report(
     storage: Storage,
     modules: Mapping[str, object],
     rows: Mapping[str, Counts],
-    families: Mapping[str, Sequence[float]],
+    families: Mapping[str, FamilyCounts],
     uncounted: list[UncountedOp],
     warnings: list[str],
     conversions: int = 0,
 ) -> Report:
-    """The report: per module (in ``modules`` order), per op family ((calls, mults, adds, others, flops), largest
-    first), per tensor; operations divided by ``samples``; storage and operations summed from the rows."""
+    """The report: per module (in ``modules`` order), per op family (largest first), per tensor; raw counts over
+    everything measured, divided by ``samples``; storage and operations summed from the rows."""
     n = float(samples)
-    total_flops = sum(r[3] for r in rows.values()) / n
+    total_flops = sum(r.flops for r in rows.values()) / n
     order = {path: i for i, path in enumerate(modules)}
     layers = []
     for path in sorted(set(storage.rows) | set(rows), key=lambda p: order.get(p, len(order))):
         s = storage.rows.get(path)
-        m, a, o, f = (v / n for v in rows.get(path, (0.0, 0.0, 0.0, 0.0)))
+        counts = rows.get(path) or Counts()
+        m, a, o, f = counts.mults / n, counts.adds / n, counts.others / n, counts.flops / n
         module = modules.get(path)
         layers.append(
             LayerRow(
@@ -52,8 +51,8 @@ def build_report(
             )
         )
     ops = [
-        OpTotal(family=fam, calls=int(v[0]), mults=v[1] / n, adds=v[2] / n, others=v[3] / n, flops=v[4] / n)
-        for fam, v in sorted(families.items(), key=lambda kv: -kv[1][4])
+        OpTotal(family=fam, calls=v.calls, mults=v.mults / n, adds=v.adds / n, others=v.others / n, flops=v.flops / n)
+        for fam, v in sorted(families.items(), key=lambda kv: -kv[1].flops)
     ]
     warnings = list(warnings)
     if storage.unused:

@@ -24,6 +24,7 @@ from torch import nn
 from micronet_score.counting import costs
 from micronet_score.counting.assemble import build_report
 from micronet_score.counting.bits import BitPolicy
+from micronet_score.counting.interpreter import Counts, FamilyCounts
 from micronet_score.counting.storage import WeightTable, account
 from micronet_score.errors import MicronetError
 from micronet_score.report import Report, UncountedOp
@@ -151,8 +152,8 @@ def count_fvcore(
 
     by_module = analysis.by_module_and_operator()
     modules = dict(model.named_modules())
-    rows: dict[str, list[float]] = {}  # fvcore's counts include submodules: keep each module's own ops
-    families: dict[str, list[float]] = {}
+    rows: dict[str, Counts] = {}  # fvcore's counts include submodules: keep each module's own ops
+    families: dict[str, FamilyCounts] = {}
     unpriced: list[UncountedOp] = []
     for path, module in modules.items():
         mine = Tally(by_module.get(path, {}))
@@ -165,14 +166,9 @@ def count_fvcore(
             if kind == "unpriced":
                 unpriced.append(UncountedOp(op=family, module=path, calls=int(value), elements=0))
                 continue
-            index = ("mults", "adds", "others").index(kind)
-            flops = value * width[kind] / unit
-            row = rows.setdefault(path, [0.0] * 4)
-            row[index] += value
-            row[3] += flops
-            fam = families.setdefault(family, [0.0] * 5)
-            fam[index + 1] += value
-            fam[4] += flops
+            counts = Counts(**{kind: value}, flops=value * width[kind] / unit)
+            rows.setdefault(path, Counts()).add(counts)
+            families.setdefault(family, FamilyCounts()).add(counts)
     for op, calls in analysis.unsupported_ops().items():
         unpriced.append(UncountedOp(op=op, module="", calls=calls, elements=0))
     if strict and unpriced:

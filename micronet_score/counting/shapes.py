@@ -13,18 +13,14 @@ A forward whose control flow depends on tensor values (``if x.sum() > 0``, ``.it
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
 from micronet_score.counting.storage import Pruned, Walk, WeightTable, storage_key
@@ -351,51 +347,3 @@ def _fast_table() -> dict[Any, Any]:
 
 META_FAST = _fast_table()
 """OpOverload -> its meta output made directly (None: ask torch)."""
-
-
-_FLASH = 1
-"""torch's SDPBackend.FLASH_ATTENTION, as ``torch._fused_sdp_choice`` returns it"""
-
-
-@contextlib.contextmanager
-def attention_as_on(device: torch.device) -> Iterator[list[str]]:
-    """``F.scaled_dot_product_attention`` on meta tensors as it runs on ``device``.
-
-    torch picks the attention kernel by the device: on meta it always takes the math path (q and k scaled apart,
-    the causal mask built and added), where CPU takes a fused kernel (each score scaled once, the causal mask
-    static), so a shape-only count would differ from the real run. Inside this context the kernel the device would
-    pick is asked for (on probe tensors of the same shapes and dtypes, last dimension contiguous) and run on the
-    meta tensors. Where that kernel cannot run on meta (CUDA's fused kernels here), the math path runs and the
-    reason is appended to the yielded list, for the report."""
-    original = F.scaled_dot_product_attention
-    reasons: list[str] = []
-
-    def probe(t: torch.Tensor | None) -> torch.Tensor | None:
-        if not isinstance(t, torch.Tensor):
-            return t
-        return torch.empty(t.shape[-1] if t.dim() else 1, dtype=t.dtype, device=device).expand(t.shape)
-
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.device.type != "meta":
-            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-        with _disable_current_modes():  # the probe is not part of the forward
-            choice = torch._fused_sdp_choice(
-                probe(query), probe(key), probe(value), probe(attn_mask), dropout_p, is_causal, scale=scale,
-                enable_gqa=enable_gqa,
-            )
-        if choice == _FLASH and device.type == "cpu":
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
-            )[0]
-        if choice != 0:
-            reason = (f"shape-only: attention ran torch's math path on meta tensors, where {device.type} runs a fused "
-                      "kernel; its counts may differ from the real run's")
-            if reason not in reasons:
-                reasons.append(reason)
-        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-
-    F.scaled_dot_product_attention = attention
-    try:
-        yield reasons
-    finally:
-        F.scaled_dot_product_attention = original

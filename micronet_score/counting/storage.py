@@ -4,11 +4,12 @@ Rules (§1.3): each tensor is stored dense, as its nonzeros plus a bitmask of th
 (see :mod:`representation`: the cheapest by its effect on the score, or the one the user forces); tied tensors
 count once; parameters of modules that never ran and that no op read are not needed for inference: they are not
 stored, and are listed by name; frozen parameters count; buffers count when the forward reads them (quantizer
-scales, running statistics); batch norm folds per the rule set (``[folding]``; the values it stores per channel,
-and the widths of scales and zero points, are ``[storage]`` data). ``torch.nn.utils.prune`` reparametrisations
-(and masks saved beside their weights as ``<name>_mask``) store the product ``weight_orig * weight_mask``, in its
-representation. Tensors of a narrow integer or quantized dtype count at that width unless declared otherwise; the packed
-weights of torch.ao quantized modules count at their width, with their scales, zero points and float bias.
+scales, running statistics); batch norm folds per the rule set (``[folding]``; the values it stores per channel
+are ``[storage]`` data, the widths of scales and zero points ``[quantization]``). ``torch.nn.utils.prune``
+reparametrisations (and masks saved beside their weights as ``<name>_mask``) store the product
+``weight_orig * weight_mask``, in its representation. Tensors of a narrow integer, quantized or float dtype count
+at that width unless declared otherwise; the packed weights of torch.ao quantized modules count at their width,
+with their scales, zero points and float bias.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from micronet_score.counting.bits import BitPolicy
+from micronet_score.counting.bits import FLOAT_BITS, BitPolicy
 from micronet_score.counting.blocks import Blocks
 from micronet_score.counting.grid import DTYPE_BITS
 from micronet_score.counting.packed import Packed, packed_modules
@@ -90,6 +91,8 @@ class TensorInfo:
     """block tilings worth pricing for this tensor (values with zeros, rule set permitting)"""
     uses: float = 0.0
     """32-bit-equivalent operations per sample of the dot products that read it, priced dense (last measure)"""
+    source: TensorInfo | None = None
+    """the stored tensor this is a narrower copy of (autocast): its dot products follow that tensor's choice"""
 
     def options(self, mask) -> list[Representation]:
         return options(self.numel, self.nonzeros, self.bits, mask, self.blocks)
@@ -217,9 +220,10 @@ class WeightTable:
 
 
 def native_bits(tensor: torch.Tensor) -> int | None:
-    """Width a tensor's integer or quantized dtype gives its values (None for float and wide integer dtypes)."""
+    """Width a tensor's integer, quantized or narrow float dtype gives its values (None for 32/64-bit floats and
+    wide integer dtypes)."""
     if tensor.is_floating_point():
-        return None
+        return FLOAT_BITS.get(tensor.dtype)
     return DTYPE_BITS.get(tensor.dtype)
 
 
@@ -430,8 +434,7 @@ def account(
     for packed in table.packed.values():
         # a packed weight's dot products are priced at its nonzeros (ops.py): stored masked when it has zeros
         store(f"{packed.module}.weight", packed.module, packed.numel, packed.nonzeros, packed.bits, sparse=True)
-        scale_bits = rules.storage.scale_bits
-        zero_bits = packed.bits if rules.storage.zero_point_bits == "values" else rules.storage.zero_point_bits
+        scale_bits, zero_bits = policy.scale_bits, policy.zero_point_bits(packed.bits)
         store(f"{packed.module}.scales", packed.module, packed.scales, packed.scales, scale_bits)
         store(f"{packed.module}.zero_points", packed.module, packed.scales, packed.scales, zero_bits)
         if packed.static:  # output scale and zero point (the requantization of the output)
@@ -454,30 +457,41 @@ Adjustment = tuple[str, float, float, float, float]
 
 
 def settle(
-    uses: dict[int, tuple[TensorInfo, dict[tuple[str, int, int], float]]],
+    uses: dict[int, tuple[TensorInfo, dict[tuple[str, int, int, float], float]]],
     table: WeightTable,
     policy: BitPolicy,
     samples: float,
     weights: Weights = Weights(),
 ) -> list[Adjustment]:
-    """The dot products of each stored tensor, priced dense during the forward (``uses``: terms x outputs by
-    module and widths), brought to the density of the representation chosen for it; the choice weighs their
-    operations per sample (kept in ``info.uses``). A density d keeps d of the per-term price (the rule set's
-    per-element dot-product price); the per-output part does not change."""
+    """The dot products of each stored tensor, priced dense during the forward (``uses``: outputs by module,
+    widths and terms per output), brought to the density d of the representation chosen for it: d * terms terms
+    per output, as :func:`costs.dot_product` prices them. The choice weighs the per-term part of their operations
+    per sample (kept in ``info.uses``), the part a density scales."""
     rules = policy.rules
     rule = rules.ops.get("dot_product")
     if rule is None or not uses:
         return []
-    em, ea, eo = rule.per_element.mults, rule.per_element.adds, rule.per_element.others
+    e, g = rule.per_element, rule.per_group
     unit, add_bits = float(rules.unit_bits), policy.add_bits
+
+    def counts(elements: float, groups: float) -> tuple[float, float, float]:
+        return (elements * e.mults + groups * g.mults, elements * e.adds + groups * g.adds,
+                elements * e.others + groups * g.others)
+
+    def flops(c: tuple[float, float, float], mult_bits: int, other_bits: int) -> float:
+        return (c[0] * mult_bits + c[1] * add_bits + c[2] * other_bits) / unit
+
     adjustments: list[Adjustment] = []
-    for info, terms in uses.values():
-        info.uses = sum(e * (em * mb + ea * add_bits + eo * ob) for (_, mb, ob), e in terms.items()) / unit / samples
+    for info, calls in uses.values():
+        dense = {key: counts(key[3] * outputs, outputs) for key, outputs in calls.items()}
+        # what a density scales: the per-term part of the price (the per-output part stays)
+        info.uses = sum(flops(counts(k[3] * o, 0.0), k[1], k[2]) for k, o in calls.items()) / samples
         shape = choose(info.options(rules.mask), info.bits, unit, table.choice, weights, info.uses)
         if shape.density == 1.0:
             continue
-        keep = shape.density - 1.0
-        for (path, mb, ob), e in terms.items():
-            m, a, o = keep * e * em, keep * e * ea, keep * e * eo
-            adjustments.append((path, m, a, o, (m * mb + a * add_bits + o * ob) / unit))
+        for (path, mb, ob, terms), outputs in calls.items():
+            kept = terms * shape.density * outputs
+            now, before = counts(kept, min(outputs, kept)), dense[(path, mb, ob, terms)]
+            change = tuple(a - b for a, b in zip(now, before, strict=True))
+            adjustments.append((path, *change, flops(change, mb, ob)))
     return adjustments
