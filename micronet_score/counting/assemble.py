@@ -37,7 +37,7 @@ def build_report(
             LayerRow(
                 name=path,
                 type=type(module).__name__ if module is not None else "",
-                params=s.params if s else 0,
+                parameters=s.params if s else 0,
                 nonzeros=s.nonzeros if s else 0,
                 density=(s.nonzeros / s.params) if s and s.params else None,
                 bits=s.bits if s else None,
@@ -46,12 +46,14 @@ def build_report(
                 mults=m,
                 adds=a,
                 others=o,
-                flops=f,
+                operations=f,
                 share=f / total_flops if total_flops else 0.0,
             )
         )
     ops = [
-        OpTotal(family=fam, calls=v.calls, mults=v.mults / n, adds=v.adds / n, others=v.others / n, flops=v.flops / n)
+        OpTotal(
+            family=fam, calls=v.calls, mults=v.mults / n, adds=v.adds / n, others=v.others / n, operations=v.flops / n
+        )
         for fam, v in sorted(families.items(), key=lambda kv: -kv[1].flops)
     ]
     warnings = list(warnings)
@@ -60,20 +62,21 @@ def build_report(
         names = ", ".join(storage.unused[:8]) + (f" and {more} more" if more > 0 else "")
         warnings.append(f"{len(storage.unused)} parameter(s) of modules that never ran, read by no op, are not "
                         f"stored: {names}")
-    params = sum(row.storage for row in layers)
-    flops = sum(row.flops for row in layers)
+    storage_total = sum(row.storage for row in layers)
+    operations = sum(row.operations for row in layers)
     track_name = rules.track_name(track) if track else None
     return Report(
         rules=rules.name,
         track=track_name,
         samples=n,
         per=rules.tracks[track_name].per if track_name else "sample",
-        params=params,
-        flops=flops,
+        parameters=sum(row.parameters for row in layers),
+        storage=storage_total,
+        operations=operations,
         mults=sum(row.mults for row in layers),
         adds=sum(row.adds for row in layers),
         others=sum(row.others for row in layers),
-        score=rules.score(params, flops, track_name) if track_name else None,
+        score=rules.score(storage_total, operations, track_name) if track_name else None,
         layers=layers,
         tensors=[TensorRow(**{k: getattr(t, k) for k in TensorRow.model_fields}) for t in storage.tensors],
         unused=storage.unused,
