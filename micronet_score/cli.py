@@ -180,6 +180,16 @@ Vocab = Annotated[Path | None, typer.Option("--vocab", help="Vocabulary file (th
                                                                "or one word per line).")]
 Labels = Annotated[Path | None, typer.Option("--labels", help="ImageNet labels file for an image folder.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")]
+class Stored(str, Enum):
+    auto = "auto"
+    dense = "dense"
+    masked = "masked"
+    block = "block"
+
+
+RepresentationOption = Annotated[Stored, typer.Option(
+    "--representation", help="How tensors with zeros are stored: auto (the cheapest by the score; by storage without "
+    "a track), dense, masked (nonzeros + 1-bit mask) or block (one bit per block); dot products follow.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="List every warning (by default the same finding on many "
                                                          "tensors is one line with a count and examples).")]
 ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes on a meta copy, computing nothing "
@@ -187,9 +197,9 @@ ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes
 
 
 def _options(rules: str, track: str | None, bits: int | None, act_bits: int | None, freebie: bool,
-             strict: bool) -> CountOptions:
+             strict: bool, representation: Stored = Stored.auto) -> CountOptions:
     return CountOptions(rules=load_rules(rules), track=track, bits=bits, act_bits=act_bits, freebie=freebie,
-                        strict=strict)
+                        strict=strict, representation=representation.value)
 
 
 def _load(checkpoint: Path | None, model: str | None, config: Path | None, device: str, trust_pickle: bool):
@@ -225,13 +235,13 @@ def _load_and_measure(checkpoint: Path, model: str | None, config: Path | None, 
     return loaded, _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, show)
 
 
-def _audited(loaded, bits: int | None, act_bits: int | None, rules, block_shape=None):
+def _audited(loaded, bits: int | None, act_bits: int | None, rules, block_shape=None, representation: str = "auto"):
     """The audit of the loaded model against the declared widths (per tensor where the model declares its own
     weights' widths, as the MIT model does)."""
     from micronet_score.audit import audit
 
     return audit(loaded.model, bits=bits, weight_bits=_weight_bits(loaded, bits), act_bits=act_bits, rules=rules,
-                 block_shape=block_shape)
+                 block_shape=block_shape, representation=representation)
 
 
 def _weight_bits(loaded, bits: int | None) -> dict[str, int] | None:
@@ -286,6 +296,7 @@ def eval_command(
     vocab: Vocab = None,
     labels: Labels = None,
     strict: Strict = False,
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
     verbose: Verbose = False,
@@ -309,7 +320,7 @@ def eval_command(
 
         checkpoint, demo_config, demo_data = demo_paths()
         config, data = config or demo_config, data or demo_data
-    options = _options(rules, track, bits, act_bits, freebie, strict)
+    options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     with steps(1, show=_progress(as_json)) as bar:
         bar.step(f"loading {checkpoint}")
         loaded = _load(checkpoint, model, config, device, trust_pickle)
@@ -334,6 +345,7 @@ def count_command(
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
     shape_only: ShapeOnly = False,
+    representation: RepresentationOption = Stored.auto,
     as_json: AsJson = False,
     verbose: Verbose = False,
 ) -> None:
@@ -350,7 +362,7 @@ def count_command(
 
       micronet-score count wrn.pt --shape-only
     """
-    options = _options(rules, track, bits, act_bits, freebie, strict)
+    options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     with steps(2, show=_progress(as_json)) as bar:
         bar.step(f"loading {checkpoint}")
         loaded = _load(checkpoint, model, config, device, trust_pickle)
@@ -410,6 +422,7 @@ def breakdown_command(
     model: ModelName = None,
     device: Device = "cpu",
     strict: Strict = False,
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Tables per layer or per op: parameters, nonzeros, density, bits, storage, mults, adds, others, operations
@@ -423,7 +436,7 @@ def breakdown_command(
 
       micronet-score breakdown model-1.pth --config config.yaml --format svg -o where-the-score-goes.svg
     """
-    options = _options(rules, track, bits, act_bits, freebie, strict)
+    options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     _, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
                                   limit_tokens, vocab, labels, _progress(fmt in (Format.json, Format.csv, Format.md)))
     if fmt in (Format.svg, Format.png):
@@ -497,7 +510,7 @@ def compare_command(
     if plot is not None:
         _plot_tradeoff(reports, options, plot)
     if as_json:
-        sys.stdout.write(json.dumps({name: r.model_dump(mode="json", exclude={"layers"})
+        sys.stdout.write(json.dumps({name: r.model_dump(mode="json", exclude={"layers", "tensors"})
                                      for name, r in reports.items()}, indent=2) + "\n")
     else:
         render_comparison(reports, console())
@@ -573,6 +586,7 @@ def audit_command(
     config: Config = None,
     model: ModelName = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 2 when a declared width does not hold.")] = False,
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
 ) -> None:
@@ -593,7 +607,7 @@ def audit_command(
         bar.step(f"loading {checkpoint}")
         loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
         bar.step("auditing bits and sparsity")
-        result = _audited(loaded, bits, act_bits, load_rules(rules), block_shape)
+        result = _audited(loaded, bits, act_bits, load_rules(rules), block_shape, representation.value)
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:

@@ -234,7 +234,8 @@ def render_models(specs, out: Console) -> None:
 def render_audit(report: AuditReport, out: Console) -> None:
     """The audit as a table (one row per stored tensor, quantizer state left out) and its violations."""
     table = Table(title=f"Bits and sparsity audit ({report.rules})", title_justify="left")
-    for column in ("tensor", "role", "dtype", "values", "declared", "measured", "per row", "density", "mask"):
+    for column in ("tensor", "role", "dtype", "values", "declared", "measured", "per row", "density", "mask",
+                   "stored as"):
         table.add_column(column, justify="right" if column in ("values", "density") else "left")
     flagged = {v.tensor for v in report.violations}
     for t in report.tensors:
@@ -254,6 +255,7 @@ def render_audit(report: AuditReport, out: Console) -> None:
             "" if t.row_bits is None else str(t.row_bits),
             f"{t.density:.1%}",
             mask,
+            t.representation,
         )
     out.print(table)
     for activation in report.activations:

@@ -16,7 +16,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationError,
+    model_validator,
+)
 
 from micronet_score.errors import RuleError
 
@@ -149,6 +156,14 @@ class FoldingPolicy(_Strict):
     layer_norm_affine: Literal["keep", "fold"]
 
 
+class StoragePolicy(_Strict):
+    """Values stored beside the weights: a batch norm's per channel, by how it folds."""
+
+    batch_norm_values: dict[Literal["bias", "scale_shift"], NonNegativeInt] = Field(
+        default={"bias": 1, "scale_shift": 2}, description="values stored per channel, by the folding of [folding]"
+    )
+
+
 class AttentionPolicy(_Strict):
     """How scaled dot-product attention is priced, whichever kernel runs it (fused or the math path)."""
 
@@ -181,6 +196,7 @@ class RuleSet(_Strict):
     freebie: Freebie
     mask: MaskPolicy
     folding: FoldingPolicy
+    storage: StoragePolicy = StoragePolicy()
     attention: AttentionPolicy
     quantization: QuantizationPolicy
     tracks: dict[str, Track]

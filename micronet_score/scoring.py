@@ -37,6 +37,8 @@ class CountOptions:
     act_bits: int | None = None
     freebie: bool = False
     strict: bool = False
+    representation: str = "auto"
+    """how tensors with zeros are stored: auto, dense, masked or block (see counting.representation)"""
 
 
 class Interrupted(MicronetError):
@@ -73,6 +75,7 @@ def make_counter(loaded: LoadedModel, options: CountOptions) -> Counter:
     return Counter(
         model, rules=options.rules, track=track_of(loaded, options), bits=bits, act_bits=options.act_bits,
         weight_bits=weight_bits, freebie=options.freebie, strict=options.strict,
+        representation=options.representation,
     )
 
 
