@@ -13,7 +13,6 @@ A state dict that does not fit the model fails with one error listing every miss
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import tempfile
@@ -26,6 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from micronet_score.errors import MicronetError, first_line
+from micronet_score.sources.build import build_fitting
+from micronet_score.sources.config import read_config_file, shown
+from micronet_score.sources.files import check_zip_sizes, regular_file
+from micronet_score.sources.pt2 import load_program
 
 FORMAT = "micronet-score"
 VERSION = 1
@@ -77,6 +80,7 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     path = _checkpoint_file(path)
     if path.stat().st_size == 0:
         raise MicronetError(f"{path}: empty file (0 bytes), not a checkpoint")
+    check_zip_sizes(path, path.stat().st_size, str(path))
     if not _looks_like_torch_save(path):
         raise MicronetError(f"{path}: not a PyTorch checkpoint (neither a torch.save file nor safetensors)")
     if trust_pickle:  # a pickled module's class is imported by name, from where the user runs
@@ -105,12 +109,9 @@ def _looks_like_torch_save(path: Path) -> bool:
 
 def _checkpoint_file(path: str | os.PathLike) -> Path:
     """The path of an existing checkpoint file, or one clear error (see :func:`not_a_checkpoint_directory`)."""
-    path = Path(path)
-    if path.is_dir():
-        raise not_a_checkpoint_directory(path)
-    if not path.is_file():
-        raise MicronetError(f"checkpoint not found: {path}")
-    return path
+    if Path(path).is_dir():
+        raise not_a_checkpoint_directory(Path(path))
+    return regular_file(path)
 
 
 def not_a_checkpoint_directory(path: Path) -> MicronetError:
@@ -216,24 +217,6 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str = 
             target.copy_(value.reshape(target.shape).to(target.dtype))
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML (or JSON) mapping, such as the authors' ``config.yaml``."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise MicronetError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MicronetError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise MicronetError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    return dict(data)
-
-
 def resolve_config(
     defaults: Mapping[str, Any],
     inferred: Mapping[str, Any],
@@ -250,7 +233,7 @@ def resolve_config(
         raise MicronetError(f"unknown settings {unknown} (known: {sorted(defaults)})")
     stated = {**file_config, **overrides}
     conflicts = [
-        f"{k} = {stated[k]!r} but the checkpoint's shapes say {v!r}"
+        f"{k} = {shown(stated[k])} but the checkpoint's shapes say {shown(v)}"
         for k, v in inferred.items()
         if k in stated and _plain(stated[k]) != _plain(v)
     ]
@@ -380,7 +363,7 @@ def load_model(
         return _ready(LoadedModel(type(net).__name__, net, cfg, {"source": source}), device)
     if path.suffix == ".pt2":
         _no_model_for(source, "a torch.export program carries its own graph", model)
-        return _load_exported(path, device)
+        return load_program(path, device, trust_pickle)
     if safetensors_io.is_safetensors(_checkpoint_file(path)):
         weights = safetensors_io.SafetensorsWeights(path)
         state_dict: Mapping[str, Any] = weights
@@ -441,30 +424,10 @@ def _load_bundled(name: str, state_dict: Mapping[str, Tensor], stated: Mapping[s
             cfg = resolve_config(spec.default_config, inferred, stated, overrides, source)
             given = {**stated, **(overrides or {}), **inferred}
             meta = {**meta, "assumed": {k: v for k, v in spec.default_config.items() if k not in given}}
-            net = spec.build(cfg)
+            net = build_fitting(spec.build, cfg, state_dict, source)
             load_weights(net, state_dict, source)
     except MicronetError:
         raise
     except Exception as exc:
         raise MicronetError(f"{source}: does not load as {spec.name} ({first_line(exc)})") from None
     return LoadedModel(spec.name, net, cfg, {"source": source, **meta})
-
-
-def _load_exported(path: Path, device: str | torch.device) -> LoadedModel:
-    """A ``torch.export`` program: its graph module and the example inputs it was exported with."""
-    _checkpoint_file(path)
-    logger = logging.getLogger("torch.export")  # it logs a traceback on stderr for a file that is no program
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        program = torch.export.load(path)
-    except Exception as exc:
-        raise MicronetError(f"{path}: not a torch.export program, or damaged ({first_line(exc)})") from None
-    finally:
-        logger.setLevel(level)
-    args, kwargs = program.example_inputs or ((), {})
-    if kwargs:
-        raise MicronetError(f"{path}: exported with keyword inputs ({', '.join(kwargs)}); export with positional ones")
-    module = program.module()
-    module.to(device)
-    return LoadedModel("torch.export", module, {}, {"source": str(path)}, tuple(a.to(device) for a in args))

@@ -34,7 +34,10 @@ class CountOptions:
     - ``bits`` / ``act_bits``: declared widths of the weights and activations (None: what the tensors hold);
     - ``weight_bits``: declared widths per tensor name, over ``bits``;
     - ``freebie``: an unquantized entry's 16-bit parameters and multiplications (additions stay 32-bit);
-    - ``strict``: fail on any op without a price in the rule set instead of reporting it.
+    - ``strict``: fail on any op without a price in the rule set instead of reporting it;
+    - ``representation``: how tensors with zeros are stored, "auto" (the cheapest by its effect on the score; by
+      storage without a track), "dense", "masked" (nonzeros + 1-bit mask) or "block" (one bit per block); the dot
+      products follow (zeros are skipped only in a sparse representation).
     """
 
     rules: str | RuleSet = DEFAULT_RULES
@@ -44,6 +47,7 @@ class CountOptions:
     weight_bits: Mapping[str, int] | None = None
     freebie: bool = False
     strict: bool = False
+    representation: str = "auto"
 
     @classmethod
     def of(cls, options: CountOptions | None = None, **settings: Any) -> CountOptions:

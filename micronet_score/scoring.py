@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from micronet_score.checkpoint import LoadedModel
 from micronet_score.counting import Counter
+from micronet_score.counting.api import training_state_kept
 from micronet_score.errors import MicronetError
 from micronet_score.options import CountOptions
 from micronet_score.report import Quality, Report
@@ -92,7 +93,8 @@ def _measuring(loaded: LoadedModel, counter: Counter | None, total: float | None
     except NotImplementedError:
         pass  # a torch.export program: its mode was fixed when it was exported
     try:
-        yield
+        with training_state_kept(model):
+            yield
     except KeyboardInterrupt:
         if counter is None:
             raise
@@ -249,7 +251,8 @@ def measure_images(
     images = load_image_folder(data, labels) if labels else load_cifar100_test(Path(data))
     counter = make_counter(loaded, options)
     with _measuring(loaded, counter, total=len(images)):
-        result = evaluate_top1(loaded.model, images, track, options.rules, batch_size=batch_size,
+        result = evaluate_top1(loaded.model, images, track, options.rules,
+                               batch_size=loaded.meta.get("batch_size", batch_size),
                                progress=progress, device=str(device), counter=counter)
     report = counter.report()
     warnings = list(report.warnings)
