@@ -54,7 +54,7 @@ def from_specs(specs: Sequence[str], model: nn.Module) -> tuple[Tensor, ...]:
         vocab = vocabulary_size(model)
         if vocab is None:
             raise MicronetError(f"--input {spec}: the model's vocabulary size is unknown (no config.vocab_size and "
-                                "no nn.Embedding)")
+                                "no nn.Embedding; a .pt2 program counts on its exported inputs without --input)")
         generator = torch.Generator().manual_seed(0)
         inputs.append(torch.randint(0, vocab, shape, generator=generator))
     return tuple(inputs)
