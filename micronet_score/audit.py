@@ -142,7 +142,7 @@ def audit(
     if block_shape is not None and not rule_set.mask.block_sparsity:
         raise MicronetError(f"rule set {rule_set.name} does not allow block sparsity: drop block_shape")
     if isinstance(model, nn.Module):
-        entries, activations = _module_entries(model), _module_activations(model)
+        entries, activations = _module_entries(model), module_activations(model)
     elif isinstance(model, Mapping):
         entries, activations = _state_entries(model), []
     else:
@@ -151,12 +151,23 @@ def audit(
     unknown = sorted(set(policy.weight_bits) - known)
     if unknown:
         raise MicronetError(f"weight_bits names no tensor of the model: {', '.join(unknown)}")
-    report = AuditReport(rules=rule_set.name, bits=bits, act_bits=act_bits, weight_bits=dict(policy.weight_bits))
-    for names, role, values, source in entries:
-        shape = _block_shape(block_shape, names)
-        entry = _tensor_audit(
-            names[0], role, values, source, policy.declared(names, role in ("weight", "packed")), shape, rule_set
-        )
+    tensors = [
+        _tensor_audit(names[0], role, values, source, policy.declared(names, role in ("weight", "packed")),
+                      _block_shape(block_shape, names), rule_set)
+        for names, role, values, source in entries
+    ]
+    return audited(tensors, activations, policy)
+
+
+def audited(
+    tensors: list[TensorAudit], activations: list[tuple[ActivationAudit, list[float]]], policy: BitPolicy
+) -> AuditReport:
+    """The report of tensors and activation quantizers measured (here, or streamed from files), with every
+    violation of the declaration in ``policy``."""
+    act_bits = policy.act_bits
+    report = AuditReport(rules=policy.rules.name, bits=policy.bits, act_bits=act_bits,
+                         weight_bits=dict(policy.weight_bits))
+    for entry in tensors:
         report.tensors.append(entry)
         report.violations += _width_violations(entry)
     for activation, scales in activations:
@@ -276,8 +287,6 @@ def _tensor_audit(
     row_bits = measure_rows(dense)[0] if values.dim() > 1 and values.numel() else None
     nonzeros = int(torch.count_nonzero(dense))
     numel = values.numel()
-    if source is None and nonzeros < numel:
-        source = "zeros"
     blocks: Blocks | None = None
     block_source = None
     if block_shape is not None and values.dim() > 1:
@@ -285,6 +294,30 @@ def _tensor_audit(
     elif rules.mask.block_sparsity and nonzeros < numel and role in ("weight", "packed"):
         blocks = detect(dense)
         block_source = "detected" if blocks is not None else None
+    return measured_entry(
+        name, role, values.dtype, numel, grid.bits if grid is not None else None, row_bits,
+        grid.distinct if grid is not None else 0, nonzeros, blocks, block_source, source, declared, rules,
+    )
+
+
+def measured_entry(
+    name: str,
+    role: Role,
+    dtype: torch.dtype,
+    numel: int,
+    measured_bits: int | None,
+    row_bits: int | None,
+    distinct: int,
+    nonzeros: int,
+    blocks: Blocks | None,
+    block_source: Literal["declared", "detected"] | None,
+    source: str | None,
+    declared: int | None,
+    rules: RuleSet,
+) -> TensorAudit:
+    """One tensor's entry from what was measured of its values (its mask bits and stored values by the rules)."""
+    if source is None and nonzeros < numel:
+        source = "zeros"
     sparse = nonzeros < numel or not rules.mask.only_sparse_tensors
     if blocks is not None:
         mask_bits, stored = blocks.blocks * rules.mask.bits_per_block, blocks.kept_elements
@@ -293,13 +326,13 @@ def _tensor_audit(
     return TensorAudit(
         name=name,
         role=role,
-        dtype=_dtype_name(values.dtype),
+        dtype=_dtype_name(dtype),
         numel=numel,
         declared_bits=declared,
-        storage_bits=dtype_bits(values.dtype),
-        measured_bits=grid.bits if grid is not None else None,
+        storage_bits=dtype_bits(dtype),
+        measured_bits=measured_bits,
         row_bits=row_bits,
-        distinct=grid.distinct if grid is not None else 0,
+        distinct=distinct,
         nonzeros=nonzeros,
         density=nonzeros / numel if numel else 1.0,
         mask_source=source,
@@ -337,7 +370,7 @@ def _width_violations(entry: TensorAudit) -> list[Violation]:
 # --- activations ------------------------------------------------------------------------------------------
 
 
-def _module_activations(model: nn.Module) -> list[tuple[ActivationAudit, list[float]]]:
+def module_activations(model: nn.Module) -> list[tuple[ActivationAudit, list[float]]]:
     """Fake quantizers (torch.ao FakeQuantize) and ``output_bits`` modules, with their scales."""
     found = []
     for path, module in model.named_modules():

@@ -33,7 +33,15 @@ from micronet_score.render import (
 )
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES, bundled_rule_names, load_rules
-from micronet_score.scoring import CountOptions, Interrupted, measure_example, measure_images, measure_lm, track_of
+from micronet_score.scoring import (
+    CountOptions,
+    Interrupted,
+    measure_directory,
+    measure_example,
+    measure_images,
+    measure_lm,
+    track_of,
+)
 
 
 class _Group(TyperGroup):
@@ -144,6 +152,9 @@ Labels = Annotated[Path | None, typer.Option("--labels", help="ImageNet labels f
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")]
 ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes on a meta copy, computing nothing "
                                                               "(same totals; not for data-dependent models).")]
+Stream = Annotated[bool, typer.Option("--stream", help="Count a Hugging Face model directory from its files without "
+                                                       "loading it (automatic when the weights exceed half the free "
+                                                       "memory, or when there are none).")]
 
 
 def _options(rules: str, track: str | None, bits: int | None, act_bits: int | None, freebie: bool,
@@ -185,6 +196,20 @@ def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> R
         result.raise_if_violations()
     warnings = [f"audit: {v.message}" for v in result.violations]
     return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report
+
+
+def _streamed(checkpoint: Path, stream: bool) -> bool:
+    """Count from the files: asked for, or a model directory whose weights are absent or exceed the memory
+    budget."""
+    from micronet_score.streamed_count import is_model_directory, weights_exceed_memory
+    from micronet_score.streaming import weight_files
+
+    if not is_model_directory(checkpoint):
+        if stream:
+            raise MicronetError(f"--stream counts a Hugging Face model directory (config.json and safetensors "
+                                f"files); {checkpoint} is not one")
+        return False
+    return stream or not weight_files(checkpoint) or weights_exceed_memory(checkpoint)
 
 
 def _progress(as_json: bool) -> bool | None:
@@ -252,6 +277,7 @@ def count_command(
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
     shape_only: ShapeOnly = False,
+    stream: Stream = False,
     as_json: AsJson = False,
 ) -> None:
     """Storage, operations and score without the quality metric, on the architecture's example input.
@@ -266,8 +292,14 @@ def count_command(
       micronet-score count exported.pt2 --track cifar100 --bits 8
 
       micronet-score count wrn.pt --shape-only
+
+      micronet-score count llama-7b-pruned/ --stream
     """
     options = _options(rules, track, bits, act_bits, freebie, strict)
+    if _streamed(checkpoint, stream):
+        report = measure_directory(checkpoint, options, progress=_progress(as_json))
+        _emit(report, as_json, f"{checkpoint} (streamed from its files)")
+        return
     loaded = _load(checkpoint, model, config, device, trust_pickle)
     report = measure_example(loaded, options, device=resolve_device(device), shape_only=shape_only)
     _emit(_declared_widths_checked(loaded, options, report), as_json, f"{loaded.name}: {checkpoint}")

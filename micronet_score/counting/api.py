@@ -72,6 +72,18 @@ class Counter:
             self._table.refresh(self.model, walk)
         return self._table
 
+    def measured_elsewhere(self, nonzeros: Mapping[str, int]) -> None:
+        """Nonzeros by tensor name, measured outside the model: for a model on the meta device whose values live
+        in files (streamed from them), they stand for the values its meta tensors lack. Named tensors then count
+        as known, in storage and in the densities of their operations; the others stay as they are."""
+        table = self._weights()
+        for info in table.by_key.values():
+            name = next((n for n in info.names if n in nonzeros), None)
+            if name is not None:
+                info.nonzeros, info.known = nonzeros[name], True
+                info.density = info.nonzeros / info.numel if info.numel else 1.0
+        table.meta = any(not info.known for info in table.by_key.values())
+
     def _check_names(self, walk: Walk) -> None:
         known = {n for n, _ in walk.parameters}
         known |= {n for n, _ in walk.buffers}

@@ -7,6 +7,7 @@ declared by the user, or detected: a candidate shape fits when every zero of the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -65,8 +66,9 @@ def detect(values: torch.Tensor) -> Blocks | None:
     """The largest candidate block shape whose all-zero blocks hold every zero (None: no zeros, or none fits)."""
     if values.dim() < 2:
         return None
-    for shape in CANDIDATES:
-        blocks = tile(values, shape)
-        if blocks.kept < blocks.blocks and blocks.exact:
-            return blocks
-    return None
+    return fitting(tile(values, shape) for shape in CANDIDATES)
+
+
+def fitting(candidates: Iterable[Blocks]) -> Blocks | None:
+    """The first candidate (largest first) with an all-zero block whose all-zero blocks hold every zero."""
+    return next((blocks for blocks in candidates if blocks.kept < blocks.blocks and blocks.exact), None)
