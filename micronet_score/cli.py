@@ -298,7 +298,7 @@ def count_command(
     options = _options(rules, track, bits, act_bits, freebie, strict)
     if _streamed(checkpoint, stream):
         report = measure_directory(checkpoint, options, progress=_progress(as_json))
-        _emit(report, as_json, f"{checkpoint} (streamed from its files)")
+        _emit(report, as_json, f"{checkpoint} (counted from its files)")
         return
     loaded = _load(checkpoint, model, config, device, trust_pickle)
     report = measure_example(loaded, options, device=resolve_device(device), shape_only=shape_only)

@@ -185,9 +185,7 @@ def count_directory(
             warnings.append(f"{len(matched.computed)} buffer(s) are computed from the configuration, not stored in "
                             f"the files ({', '.join(matched.computed[:3])}): counted dense")
     else:
-        dtype = next((p.dtype for p in model.parameters()), torch.float32)
-        warnings.append(f"{directory} has no safetensors weights: every tensor counts dense, at the configuration's "
-                        f"dtype ({str(dtype).removeprefix('torch.')}), from shapes alone")
+        warnings.append(f"{directory} has no safetensors weights: every tensor counts dense, from shapes alone")
     ids = torch.zeros((1, tokens), dtype=torch.long)
     samples = tokens if counter.per == "token" else 1
     with torch.no_grad():

@@ -262,7 +262,7 @@ def _chunks(tensor: StoredTensor, chunk_bytes: int) -> Iterator[tuple[int, int, 
         return
     total = tensor.numel
     per = max(1, chunk_bytes // item)
-    start, step = 0, PROBE_ELEMENTS
+    start, step = 0, min(PROBE_ELEMENTS, per)
     while start < total:
         n = min(step, total - start)
         yield tensor.start + start * item, n * item, (n,)
