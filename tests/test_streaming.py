@@ -180,3 +180,11 @@ def test_files_that_do_not_fit_the_architecture_fail_with_one_clear_error(tmp_pa
     file.write_bytes(file.read_bytes()[:1000])
     with pytest.raises(ms.MicronetError, match="safetensors"):
         measure_directory(directory, CountOptions(), progress=False)
+
+
+def test_a_directory_whose_weights_exceed_the_memory_budget_is_streamed_without_asking(tmp_path, monkeypatch):
+    _, directory = _llama(tmp_path)
+    monkeypatch.setattr("micronet_score.streamed_count.memory_budget", lambda: 1000)  # bytes
+    result = CliRunner().invoke(app, ["count", str(directory), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["flops"] == measure_directory(directory, CountOptions(), progress=False).flops
