@@ -171,6 +171,7 @@ class _Measuring:
         dense = nonzeros == values.numel()
         if self.blocks and dense:
             self.dense_rows.append(values.shape[0])
+        self._falsify(values, dense)
         for part in _slices(values):  # the measures below make float64 and float copies: a slice at a time
             if self.on_grid:
                 self._grid(part)
@@ -181,6 +182,21 @@ class _Measuring:
                 self._tile(part)
             if not (self.on_grid or self.row_bits is not None or (self.blocks and not dense)):
                 break
+
+    def _falsify(self, values: torch.Tensor, dense: bool) -> None:
+        """Answer "no" cheaply where a small part of the chunk does: the first row on no grid (then the tensor, and
+        its rows, lie on none), a block shape that leaves a zero beside a nonzero in the first columns (whole
+        blocks of the tensor: it fits no more)."""
+        head = values[:1]
+        if self.on_grid:
+            self._grid(head)
+        if self.row_bits is not None and values.dim() == 2:
+            bits, _ = measure_rows(head)
+            self.row_bits = None if bits is None else max(self.row_bits, bits)
+        if self.blocks and not dense and values.dim() == 2 and values.shape[1] > HEAD_COLUMNS:
+            for shape in list(self.blocks):
+                if not tile(values[:, :HEAD_COLUMNS], shape).exact:
+                    del self.blocks[shape]
 
     def _grid(self, values: torch.Tensor) -> None:
         chunk = torch.unique(values.reshape(-1).to(torch.float64))
@@ -224,6 +240,9 @@ class _Measuring:
             blocks=blocks,
         )
 
+
+HEAD_COLUMNS = 256
+"""Columns of a chunk tried first for block shapes (a multiple of every candidate block width)."""
 
 MEASURE_ELEMENTS = 1 << 20
 """Elements measured at a time for grids and blocks (their float copies stay a few MiB)."""
