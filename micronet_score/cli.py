@@ -186,15 +186,12 @@ def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> R
     """With --bits or --act-bits, audit the declaration: violations become warnings (an error with --strict)."""
     if options.bits is None and options.act_bits is None:
         return report
-    from micronet_score.audit import audit
+    from micronet_score.audit import declared_width_warnings
 
     declares = callable(getattr(loaded.model, "declared_weight_bits", None))
     weight_bits = loaded.model.declared_weight_bits(options.bits) if declares and options.bits else None
-    result = audit(loaded.model, bits=options.bits, weight_bits=weight_bits, act_bits=options.act_bits,
-                   rules=options.rules)
-    if options.strict:
-        result.raise_if_violations()
-    warnings = [f"audit: {v.message}" for v in result.violations]
+    warnings = declared_width_warnings(loaded.model, bits=options.bits, act_bits=options.act_bits,
+                                       weight_bits=weight_bits, rules=options.rules, strict=options.strict)
     return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report
 
 

@@ -21,6 +21,9 @@ from micronet_score.counting.ops import FREE, TABLE, Handler
 from micronet_score.counting.packed import Packed
 from micronet_score.counting.storage import FoldedNorm, TensorInfo, WeightTable, storage_key
 
+_in_backward = torch._C._current_graph_task_id
+"""-1 outside autograd's backward pass; the id of the graph task while it runs (on any thread)."""
+
 _HANDLERS: dict[Any, Handler | None] = {}
 """aten OpOverload -> handler (None: free), filled on first sight of each overload."""
 
@@ -99,6 +102,8 @@ class CountingMode(TorchDispatchMode):
         self.first_input_seen: Any = None
         """first_input as it was when the forward ended (finish() forgets first_input)"""
         self.op: Any = None
+        self.backward_ops = 0
+        """ops run by autograd's backward pass while counting: training work, never counted"""
         self.meta_fallbacks: dict[Any, Any] | None = None
         self.meta_fast: dict[Any, Any] | None = None
         """shape-only counting: outputs of ops that have no meta kernel, by overload packet"""
@@ -127,6 +132,9 @@ class CountingMode(TorchDispatchMode):
             if fallback is None:
                 raise
             out = fallback(args, kwargs)  # shape-only: an op without a meta kernel, its output shapes known
+        if _in_backward() != -1:
+            self.backward_ops += 1
+            return out
         try:
             handler = _HANDLERS[func]
         except KeyError:
