@@ -294,6 +294,9 @@ def count_command(
     """
     options = _options(rules, track, bits, act_bits, freebie, strict)
     if _streamed(checkpoint, stream):
+        if model or config:
+            raise MicronetError("--model and --config do not apply to a model directory counted from its files "
+                                "(the architecture comes from its config.json)")
         report = measure_directory(checkpoint, options, progress=_progress(as_json))
         _emit(report, as_json, f"{checkpoint} (counted from its files)")
         return

@@ -68,6 +68,12 @@ def read_config(directory: Path) -> dict:
     return config
 
 
+def _has_vocabulary(config: dict) -> bool:
+    """A language model's configuration: a vocabulary size, at the top or in its text configuration."""
+    text = config.get("text_config")
+    return bool(config.get("vocab_size") or (isinstance(text, dict) and text.get("vocab_size")))
+
+
 def _meta_model(directory: Path) -> nn.Module:
     """The architecture of a Hugging Face directory, built on the meta device from its config.json (local files
     only; never remote code). Private until the Hugging Face source lands: then its build_model is used."""
@@ -169,7 +175,10 @@ def count_directory(
 ) -> tuple[Report, AuditReport]:
     """Count a model directory from its files: (report, audit of its tensors). ``counter_options`` are
     :class:`Counter`'s keyword options (rules, track, bits, act_bits, freebie, strict)."""
-    read_config(directory)
+    config = read_config(directory)
+    if not _has_vocabulary(config):
+        raise MicronetError(f"{directory}: counting a model directory runs its language model on {tokens} token ids, "
+                            f"and this configuration ({config.get('model_type', 'no model_type')}) has no vocabulary")
     model = _meta_model(directory)
     files = weight_files(directory)
     stats: dict[str, TensorStats] = {}

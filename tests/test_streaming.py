@@ -188,3 +188,9 @@ def test_a_directory_whose_weights_exceed_the_memory_budget_is_streamed_without_
     result = CliRunner().invoke(app, ["count", str(directory), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["flops"] == measure_directory(directory, CountOptions(), progress=False).flops
+
+
+def test_a_configuration_without_a_vocabulary_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    result = CliRunner().invoke(app, ["count", str(tmp_path), "--shape-only"])
+    assert result.exit_code == 2 and "(vit) has no vocabulary" in result.output
