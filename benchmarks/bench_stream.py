@@ -11,7 +11,8 @@
    equal to the streamed count's.
 3. ``--shape-only`` on a directory holding only Llama-3-70B's config.json: the whole CLI run (time, peak RSS), and
    in-process the count (build on meta + counted forward of 128 tokens) against torch's FlopCounterMode on the
-   same meta model (build + forward), median of interleaved rounds.
+   same meta model (build + forward), median of interleaved rounds; and the time of the CLI's imports alone
+   (torch, transformers and the Llama modeling code), which any run pays first.
 
 The values are a pool of random chunks written in rotation (every tensor 50% zeros at random positions; writing
 14 GB of fresh random numbers would take minutes and measure nothing more). Usage::
@@ -200,6 +201,9 @@ def bench_shape_only(base: Path, rounds: int = 3) -> dict:
         (directory / "config.json").write_text(json.dumps(CONFIGS["70b"]))
         cli_s, cli_peak, out = run_measured([*CLI, "count", str(directory), "--shape-only", "--json"])
         report = json.loads(out)
+        imports = ("import micronet_score.cli, micronet_score.streamed_count, transformers; "
+                   "transformers.LlamaForCausalLM")
+        imports_s, _, _ = run_measured([sys.executable, "-c", imports])  # what any run of the CLI pays first
         code = f"""
 import json, statistics, time, torch, transformers
 from pathlib import Path
@@ -223,8 +227,9 @@ print(json.dumps({{k: statistics.median(v) for k, v in times.items()}}))
 """
         _, inproc_peak, out = run_measured([sys.executable, "-c", code])
         inproc = json.loads(out)
-        return {"cli_s": cli_s, "cli_peak_gb": cli_peak, "params": report["params"], "flops": report["flops"],
-                "ours_s": inproc["ours"], "flop_counter_s": inproc["flop_counter"], "in_process_peak_gb": inproc_peak}
+        return {"cli_s": cli_s, "cli_peak_gb": cli_peak, "imports_s": imports_s, "params": report["params"],
+                "flops": report["flops"], "ours_s": inproc["ours"], "flop_counter_s": inproc["flop_counter"],
+                "in_process_peak_gb": inproc_peak}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -237,17 +242,17 @@ def main() -> None:
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
-    results: dict = {"load": os.getloadavg()[0], "cpus": os.cpu_count()}
-    results["shape_only_70b"] = bench_shape_only(args.dir)
-    print(json.dumps(results["shape_only_70b"], indent=1), flush=True)
-    if not args.skip_memory:
-        results["in_memory"] = bench_memory(args.memory_model, args.dir)
-        print(json.dumps(results["in_memory"], indent=1), flush=True)
-    if not args.skip_big:
-        results["streamed"] = bench_big(args.model, args.dir)
-        print(json.dumps(results["streamed"], indent=1), flush=True)
-    results["load_after"] = os.getloadavg()[0]
     out = HERE / "results" / "stream.json"
+    results: dict = json.loads(out.read_text()) if out.is_file() else {}  # sections skipped now keep their last run
+    sections = {"shape_only_70b": lambda: bench_shape_only(args.dir)}
+    if not args.skip_memory:
+        sections["in_memory"] = lambda: bench_memory(args.memory_model, args.dir)
+    if not args.skip_big:
+        sections["streamed"] = lambda: bench_big(args.model, args.dir)
+    for key, section in sections.items():
+        load = os.getloadavg()[0]
+        results[key] = section() | {"load_before": load, "load_after": os.getloadavg()[0], "cpus": os.cpu_count()}
+        print(json.dumps(results[key], indent=1), flush=True)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
