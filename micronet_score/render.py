@@ -74,6 +74,10 @@ def render_rules(rules: RuleSet, out: Console) -> None:
     policy.add_row("batch norm after conv/linear", fo.batch_norm_after_linear)
     policy.add_row("other batch norm", fo.batch_norm_elsewhere)
     policy.add_row("layer norm affine", fo.layer_norm_affine)
+    q = rules.quantization
+    policy.add_row("quantized layers' scales / zero points", f"{q.scale_bits} bits / {q.zero_point_bits}")
+    policy.add_row("attention scale", rules.attention.scale)
+    policy.add_row("attention mask (explicit or causal)", rules.attention.mask)
     out.print(policy)
 
     ops = Table(title="Op prices: elements x per element + groups x per group", title_justify="left")
@@ -81,6 +85,10 @@ def render_rules(rules: RuleSet, out: Console) -> None:
     ops.add_column("per element")
     ops.add_column("per group")
     for name, rule in rules.ops.items():
+        if rule.made_of:
+            parts = " + ".join(f"{n:g} {part}" for part, n in rule.made_of.items())
+            ops.add_row(name, f"made of {parts}", "")
+            continue
         ops.add_row(name, _cost(rule.per_element), _cost(rule.per_group) if rule.per_group != Cost() else "")
     out.print(ops)
 

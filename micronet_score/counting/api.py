@@ -13,7 +13,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.costs import Prices
-from micronet_score.counting.interpreter import CountingMode, Tally
+from micronet_score.counting.interpreter import CountingMode, Counts, Tally, Uncounted
 from micronet_score.counting.shapes import META_FALLBACKS, META_FAST, MetaCopy, data_dependent, to_meta
 from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account
 from micronet_score.errors import MicronetError
@@ -275,12 +275,13 @@ class Counter:
         stored = account(table, list(measured.norms.values()), measured.dropped, self.policy)
         n = measured.samples
         tally = measured.tally
-        total_flops = sum(r[3] for r in tally.rows.values()) / n
+        total_flops = sum(r.flops for r in tally.rows.values()) / n
         order = {path: i for i, path in enumerate(self._modules)}
         layers = []
         for path in sorted(set(stored) | set(tally.rows), key=lambda p: order.get(p, len(order))):
             s = stored.get(path)
-            m, a, o, f = (v / n for v in tally.rows.get(path, [0.0] * 4))
+            counts = tally.rows.get(path) or Counts()
+            m, a, o, f = counts.mults / n, counts.adds / n, counts.others / n, counts.flops / n
             module = self._modules.get(path)
             layers.append(
                 LayerRow(
@@ -299,11 +300,14 @@ class Counter:
                 )
             )
         ops = [
-            OpTotal(family=fam, calls=int(v[0]), mults=v[1] / n, adds=v[2] / n, others=v[3] / n, flops=v[4] / n)
-            for fam, v in sorted(tally.families.items(), key=lambda kv: -kv[1][4])
+            OpTotal(
+                family=fam, calls=v.calls, mults=v.mults / n, adds=v.adds / n, others=v.others / n, flops=v.flops / n
+            )
+            for fam, v in sorted(tally.families.items(), key=lambda kv: -kv[1].flops)
         ]
         uncounted = [
-            UncountedOp(op=op, module=mod, calls=c, elements=e) for (op, mod), (c, e) in tally.uncounted.items()
+            UncountedOp(op=op, module=mod, calls=u.calls, elements=u.elements)
+            for (op, mod), u in tally.uncounted.items()
         ]
         warnings = _loop_warnings(measured)
         if measured.meta or table.meta:
@@ -464,8 +468,8 @@ def _load_rules(rules: str | RuleSet) -> RuleSet:
     return loaded
 
 
-def _describe(uncounted: dict[tuple[str, str], list[int]]) -> str:
-    return ", ".join(f"{op} in {module or '<root>'} ({calls}x)" for (op, module), (calls, _) in uncounted.items())
+def _describe(uncounted: dict[tuple[str, str], Uncounted]) -> str:
+    return ", ".join(f"{op} in {module or '<root>'} ({u.calls}x)" for (op, module), u in uncounted.items())
 
 
 def count(
