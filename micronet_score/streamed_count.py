@@ -105,6 +105,8 @@ class Matched:
     nonzeros: dict[str, int]
     computed: list[str]
     """buffers the model computes from its configuration (not stored in the files), counted dense"""
+    wider: list[str]
+    """tensors stored in a wider float dtype than the architecture's (counted at the architecture's)"""
 
 
 def match(model: nn.Module, stats: dict[str, TensorStats], directory: Path) -> Matched:
@@ -116,13 +118,15 @@ def match(model: nn.Module, stats: dict[str, TensorStats], directory: Path) -> M
     if unexpected:
         raise MicronetError(f"{directory}: {len(unexpected)} tensor(s) in the files are not in the architecture of "
                             f"its config.json: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
-    misshapen, converted = [], []
+    misshapen, converted, wider = [], [], []
     for name, s in stats.items():
         tensor = tensors[name]
         if tuple(tensor.shape) != s.shape:
             misshapen.append(f"{name} {list(s.shape)} (the architecture has {list(tensor.shape)})")
         elif tensor.is_floating_point() and not (s.dtype.is_floating_point and s.dtype.itemsize >= 2):
             converted.append(f"{name} ({str(s.dtype).removeprefix('torch.')})")
+        elif tensor.is_floating_point() and s.dtype.itemsize > tensor.dtype.itemsize:
+            wider.append(name)
     if misshapen:
         raise MicronetError(f"{directory}: {len(misshapen)} tensor(s) do not fit the architecture: "
                             + "; ".join(misshapen[:5]))
@@ -146,7 +150,7 @@ def match(model: nn.Module, stats: dict[str, TensorStats], directory: Path) -> M
                             f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     nonzeros = {name: s.nonzeros for name, s in stats.items()}
     nonzeros.update((name, tensors[name].numel()) for name in computed)
-    return Matched(nonzeros, computed)
+    return Matched(nonzeros, computed, wider)
 
 
 def audit_streamed(model: nn.Module, stats: dict[str, TensorStats], policy: BitPolicy) -> AuditReport:
@@ -190,6 +194,10 @@ def count_directory(
     if stats:
         matched = match(model, stats, directory)
         counter.measured_elsewhere(matched.nonzeros)
+        if matched.wider:
+            dtype = str(next(p.dtype for p in model.parameters())).removeprefix("torch.")
+            warnings.append(f"{len(matched.wider)} tensor(s) are stored in a wider float dtype than the "
+                            f"configuration's ({dtype}) and count at its width: {', '.join(matched.wider[:3])}")
         if matched.computed:
             warnings.append(f"{len(matched.computed)} buffer(s) are computed from the configuration, not stored in "
                             f"the files ({', '.join(matched.computed[:3])}): counted dense")

@@ -96,7 +96,7 @@ def test_a_sharded_model_counted_from_its_files_equals_the_in_memory_count(tmp_p
     real = ms.count(model, ids)
     streamed = measure_directory(directory, CountOptions(), progress=False, chunk_bytes=4096)
     assert _totals(streamed) == pytest.approx(_totals(in_memory), rel=1e-12)
-    assert streamed.params == pytest.approx(real.params, rel=1e-12)  # storage: the values' nonzeros
+    assert _totals(streamed) == pytest.approx(_totals(real), rel=1e-12)
     rows = {r.name: (r.params, r.nonzeros, r.storage, r.flops) for r in streamed.layers}
     assert rows == {r.name: (r.params, r.nonzeros, r.storage, r.flops) for r in in_memory.layers}
     up = next(r for r in streamed.layers if r.name == "model.layers.0.mlp.up_proj")
@@ -115,24 +115,25 @@ def test_declared_widths_are_audited_against_the_streamed_values(tmp_path):
         measure_directory(directory, CountOptions(bits=4, strict=True), progress=False)
 
 
-def _llama_size(c: dict) -> tuple[int, int]:
-    """(parameters, weights of the linear layers) of a Llama from its configuration, by hand."""
+def _llama_size(c: dict) -> tuple[int, int, int]:
+    """(parameters, weights of the linear layers, rotary frequencies) of a Llama from its configuration, by hand."""
     h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
     linear_per_layer = h * h + 2 * h * kv + h * h + 3 * h * i
     linear = n * linear_per_layer + v * h  # + the output projection
-    rotary = h // c["num_attention_heads"] // 2  # the rotary frequencies: a buffer the forward reads
-    return linear + v * h + n * 2 * h + h + rotary, linear
+    rotary = h // c["num_attention_heads"] // 2  # the rotary frequencies: an fp32 buffer the forward reads
+    return linear + v * h + n * 2 * h + h, linear, rotary
 
 
-def test_shape_only_on_a_directory_with_only_its_configuration(tmp_path):
-    config = dict(LLAMA, architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="float32")
+@pytest.mark.parametrize(("dtype", "bits"), [("float32", 32), ("bfloat16", 16)])
+def test_shape_only_on_a_directory_with_only_its_configuration(tmp_path, dtype, bits):
+    config = dict(LLAMA, architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype=dtype)
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = CliRunner().invoke(app, ["count", str(tmp_path), "--shape-only", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    params, linear = _llama_size(config)
-    assert report["params"] == params  # dense fp32: one 32-bit value per parameter
+    params, linear, rotary = _llama_size(config)
+    assert report["params"] == params * bits / 32 + rotary  # dense, every value at its dtype's width
     h, n = config["hidden_size"], config["num_hidden_layers"]
     dots = next(o for o in report["ops"] if o["family"] == "dot_product")
     assert dots["mults"] == TOKENS * linear + n * 2 * TOKENS * TOKENS * h  # projections, then q.k and p.v per head
