@@ -5,6 +5,7 @@
    afterwards): time and peak RSS of ``micronet-score count DIR --stream --json`` against ``cat shards >
    /dev/null``. Each is run twice, cold (this script's own shards evicted from the page cache with
    posix_fadvise(DONTNEED) first: the disk's limit) and warm (the shards just read).
+   The streaming phase alone (``measure_files``, warm, in a process whose imports are done) is timed too.
 2. (b) Loading with transformers and counting in memory: not for the 7B model on a machine shared by several jobs
    (its 13.5 GB of bf16 values would have to be in memory at once), so on a 1.1B model (TinyLlama's configuration,
    same sparsity): ``from_pretrained`` + ``count(shape_only=True)``, time and peak RSS, with the totals checked
@@ -167,6 +168,13 @@ def bench_big(name: str, base: Path) -> dict:
             result["params"], result["flops"] = report["params"], report["flops"]
             layers = report["layers"]
             result["density"] = sum(r["nonzeros"] for r in layers) / sum(r["params"] for r in layers)
+        # the streaming phase alone (warm): measure_files in a process whose imports are done
+        code = ("import time; from pathlib import Path; from micronet_score.streaming import measure_files, "
+                f"weight_files; files = weight_files(Path({str(directory)!r})); t = time.perf_counter(); "
+                "measure_files(files); print(time.perf_counter() - t)")
+        cat(directory)
+        _, result["measure_files_warm_peak_gb"], out = run_measured([sys.executable, "-c", code])
+        result["measure_files_warm_s"] = float(out)
         return result
     finally:
         shutil.rmtree(directory, ignore_errors=True)
