@@ -10,6 +10,7 @@ no weight files (``config.json`` alone) every tensor counts dense at the configu
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -183,12 +184,20 @@ def count_directory(
     if not _has_vocabulary(config):
         raise MicronetError(f"{directory}: counting a model directory runs its language model on {tokens} token ids, "
                             f"and this configuration ({config.get('model_type', 'no model_type')}) has no vocabulary")
-    model = _meta_model(directory)
     files = weight_files(directory)
     stats: dict[str, TensorStats] = {}
-    if files:
-        with byte_progress(total_bytes(files), "measuring weights", progress) as advance:
-            stats = measure_files(files, chunk_bytes=chunk_bytes, progress=advance)
+    with ThreadPoolExecutor(1, thread_name_prefix="micronet-build") as builder:
+        building = builder.submit(_meta_model, directory)  # importing transformers overlaps reading the files
+        if files:
+            with byte_progress(total_bytes(files), "measuring weights", progress) as advance:
+
+                def measured(nbytes: int) -> None:
+                    advance(nbytes)
+                    if building.done() and building.exception() is not None:
+                        raise building.exception()  # a configuration transformers cannot build: stop reading
+
+                stats = measure_files(files, chunk_bytes=chunk_bytes, progress=measured)
+        model = building.result()
     counter = Counter(model, **counter_options)
     warnings = []
     if stats:

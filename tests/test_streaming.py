@@ -195,3 +195,12 @@ def test_a_configuration_without_a_vocabulary_is_refused_by_name(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
     result = CliRunner().invoke(app, ["count", str(tmp_path), "--shape-only"])
     assert result.exit_code == 2 and "(vit) has no vocabulary" in result.output
+
+
+def test_an_architecture_transformers_cannot_build_stops_the_reading_with_one_error(tmp_path):
+    _, directory = _llama(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["num_attention_heads"] = 5  # does not divide hidden_size 64
+    (directory / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["count", str(directory), "--stream"])
+    assert result.exit_code == 2 and "error:" in result.output and "transformers cannot" in result.output
