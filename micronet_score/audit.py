@@ -16,9 +16,10 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from micronet_score.counting.bits import BitPolicy, quantized_bits
-from micronet_score.counting.blocks import Blocks, detect, tile
+from micronet_score.counting.blocks import Blocks
 from micronet_score.counting.grid import dtype_bits, exact_scale_bits, mantissa_bits, measure, measure_rows
 from micronet_score.counting.packed import packed_modules
+from micronet_score.counting.representation import Choice, block_options, check_choice, choose, options
 from micronet_score.counting.storage import mask_pairs, storage_key
 from micronet_score.errors import MicronetError
 from micronet_score.ruleset import RuleSet, load_rules
@@ -48,7 +49,10 @@ class TensorAudit(BaseModel):
     block_shape: BlockShape | None = None
     block_source: Literal["declared", "detected"] | None = None
     blocks_kept: int | None = None
-    stored_values: int = Field(description="values the rules store: nonzeros, or every element of kept blocks")
+    representation: str = Field(
+        default="dense", description="dense, masked or block RxC: the cheapest storage, the rule count uses"
+    )
+    stored_values: int = Field(description="values the representation stores: every value, nonzeros, or kept blocks")
     mask_bits: float = Field(description="bits of the sparsity mask under the rule set (per element or per block)")
 
     @property
@@ -135,9 +139,15 @@ def audit(
     act_bits: int | None = None,
     rules: str | RuleSet = "micronet-2019",
     block_shape: BlockShape | Mapping[str, BlockShape] | None = None,
+    representation: str = "auto",
 ) -> AuditReport:
-    """Measure a model (or a state dict) and check the declared widths; see :class:`AuditReport`."""
+    """Measure a model (or a state dict) and check the declared widths; see :class:`AuditReport`.
+
+    Each weight's representation is chosen by the rule ``count`` stores it with (dense, masked or block-sparse,
+    the cheapest storage; see :mod:`micronet_score.counting.representation`); ``representation`` forces one,
+    ``block_shape`` declares the block shape (of every tensor, or by name)."""
     rule_set = load_rules(rules)
+    choice = check_choice(representation, rule_set)
     policy = BitPolicy(rule_set, bits, act_bits, dict(weight_bits or {}))
     if block_shape is not None and not rule_set.mask.block_sparsity:
         raise MicronetError(f"rule set {rule_set.name} does not allow block sparsity: drop block_shape")
@@ -153,7 +163,7 @@ def audit(
         raise MicronetError(f"weight_bits names no tensor of the model: {', '.join(unknown)}")
     tensors = [
         _tensor_audit(names[0], role, values, source, policy.declared(names, role in ("weight", "packed")),
-                      _block_shape(block_shape, names), rule_set)
+                      _block_shape(block_shape, names), rule_set, choice)
         for names, role, values, source in entries
     ]
     return audited(tensors, activations, policy)
@@ -281,22 +291,22 @@ def _tensor_audit(
     declared: int | None,
     block_shape: BlockShape | None,
     rules: RuleSet,
+    choice: Choice = "auto",
 ) -> TensorAudit:
     dense = values.dequantize() if values.is_quantized else values
     grid = measure(dense) if values.numel() else None
     row_bits = measure_rows(dense)[0] if values.dim() > 1 and values.numel() else None
     nonzeros = int(torch.count_nonzero(dense))
     numel = values.numel()
-    blocks: Blocks | None = None
-    block_source = None
-    if block_shape is not None and values.dim() > 1:
-        blocks, block_source = tile(dense, block_shape), "declared"
-    elif rules.mask.block_sparsity and nonzeros < numel and role in ("weight", "packed"):
-        blocks = detect(dense)
-        block_source = "detected" if blocks is not None else None
+    width = declared if declared is not None else dtype_bits(values.dtype)
+    tilings = []
+    if role in ("weight", "packed") or block_shape is not None:
+        forced = "block" if block_shape is not None and choice == "auto" else choice
+        tilings = block_options(dense, nonzeros, width, rules.mask, block_shape, forced)
     return measured_entry(
         name, role, values.dtype, numel, grid.bits if grid is not None else None, row_bits,
-        grid.distinct if grid is not None else 0, nonzeros, blocks, block_source, source, declared, rules,
+        grid.distinct if grid is not None else 0, nonzeros, tilings, source, declared, rules,
+        "block" if block_shape is not None and choice == "auto" else choice, block_shape is not None,
     )
 
 
@@ -309,20 +319,22 @@ def measured_entry(
     row_bits: int | None,
     distinct: int,
     nonzeros: int,
-    blocks: Blocks | None,
-    block_source: Literal["declared", "detected"] | None,
+    tilings: list[Blocks],
     source: str | None,
     declared: int | None,
     rules: RuleSet,
+    choice: Choice = "auto",
+    declared_blocks: bool = False,
 ) -> TensorAudit:
-    """One tensor's entry from what was measured of its values (its mask bits and stored values by the rules)."""
+    """One tensor's entry from what was measured of its values: its representation chosen from ``tilings`` (the
+    block tilings worth pricing) by the rule ``count`` uses."""
     if source is None and nonzeros < numel:
         source = "zeros"
-    sparse = nonzeros < numel or not rules.mask.only_sparse_tensors
-    if blocks is not None:
-        mask_bits, stored = blocks.blocks * rules.mask.bits_per_block, blocks.kept_elements
-    else:
-        mask_bits, stored = (numel * rules.mask.bits_per_element if sparse else 0.0), nonzeros
+    width = declared if declared is not None else dtype_bits(dtype)
+    found = options(numel, nonzeros, width, rules.mask, tilings)
+    shape = choose(found, width, float(rules.unit_bits), choice)
+    blocks = shape.blocks
+    block_source = ("declared" if declared_blocks else "detected") if blocks is not None else None
     return TensorAudit(
         name=name,
         role=role,
@@ -339,8 +351,9 @@ def measured_entry(
         block_shape=blocks.shape if blocks is not None else None,
         block_source=block_source,
         blocks_kept=blocks.kept if blocks is not None else None,
-        stored_values=stored,
-        mask_bits=mask_bits,
+        representation=shape.label,
+        stored_values=shape.values,
+        mask_bits=shape.mask_bits,
     )
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from micronet_score.counting import Counter
 from micronet_score.counting.bits import BitPolicy
+from micronet_score.counting.representation import Choice, worth_tiling
 from micronet_score.errors import MicronetError
 from micronet_score.report import Report
 from micronet_score.streaming import (
@@ -154,18 +155,25 @@ def match(model: nn.Module, stats: dict[str, TensorStats], directory: Path) -> M
     return Matched(nonzeros, computed, wider)
 
 
-def audit_streamed(model: nn.Module, stats: dict[str, TensorStats], policy: BitPolicy) -> AuditReport:
-    """The audit of the streamed tensors (weights: parameters; the rest buffers) against the declaration."""
+def audit_streamed(
+    model: nn.Module, stats: dict[str, TensorStats], policy: BitPolicy, choice: Choice = "auto"
+) -> AuditReport:
+    """The audit of the streamed tensors (weights: parameters; the rest buffers) against the declaration, each
+    represented by the rule ``count`` uses."""
     from micronet_score.audit import audited, measured_entry, module_activations
+    from micronet_score.counting.grid import dtype_bits
 
     parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    mask = policy.rules.mask
     entries = []
     for name, s in stats.items():
         is_weight = name in parameters
+        declared = policy.declared([name], is_weight)
+        width = declared if declared is not None else dtype_bits(s.dtype)
+        tilings = s.tilings if is_weight and worth_tiling(s.numel, s.nonzeros, width, mask, choice) else []
         entries.append(measured_entry(
             name, "weight" if is_weight else "buffer", s.dtype, s.numel, s.measured_bits, s.row_bits, s.distinct,
-            s.nonzeros, s.blocks, "detected" if s.blocks is not None else None, None,
-            policy.declared([name], is_weight), policy.rules,
+            s.nonzeros, tilings, None, declared, policy.rules, choice,
         ))
     return audited(entries, module_activations(model), policy)
 
@@ -202,7 +210,7 @@ def count_directory(
     warnings = []
     if stats:
         matched = match(model, stats, directory)
-        counter.measured_elsewhere(matched.nonzeros)
+        counter.measured_elsewhere(matched.nonzeros, {name: s.tilings for name, s in stats.items()})
         if matched.wider:
             dtype = str(next(p.dtype for p in model.parameters())).removeprefix("torch.")
             warnings.append(f"{len(matched.wider)} tensor(s) are stored in a wider float dtype than the "
@@ -221,4 +229,5 @@ def count_directory(
         warnings = [*report.warnings, *warnings]
     else:  # the report's own warning about meta tensors says the same as the one above
         warnings = [w for w in report.warnings if not w.startswith("meta tensors have no values")] + warnings
-    return report.model_copy(update={"warnings": warnings}), audit_streamed(model, stats, counter.policy)
+    audited = audit_streamed(model, stats, counter.policy, counter.representation)
+    return report.model_copy(update={"warnings": warnings}), audited

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from micronet_score.counting.blocks import CANDIDATES, Blocks, fitting, tile
+from micronet_score.counting.blocks import CANDIDATES, Blocks, candidates
 from micronet_score.counting.grid import MAX_LEVELS, measure, measure_rows
 from micronet_score.counting.storage import count_nonzero
 from micronet_score.errors import MicronetError
@@ -137,8 +137,8 @@ class TensorStats:
     """narrowest grid with one scale per row (dim 0; None: on no grid, or a tensor of fewer than 2 dims)"""
     distinct: int
     """distinct values (of the chunks read while a grid could hold them: a lower bound when on no grid)"""
-    blocks: Blocks | None
-    """detected block sparsity: the largest candidate whose all-zero blocks hold every zero"""
+    tilings: list[Blocks]
+    """every candidate block tiling (blocks.CANDIDATES order) of a tensor of 2 or more dims with zeros"""
 
     @property
     def numel(self) -> int:
@@ -155,6 +155,7 @@ class _Measuring:
     on_grid: bool = True
     row_bits: int | None = 0
     blocks: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    """candidate shape -> [blocks, kept, kept elements] so far"""
     dense_rows: list[int] = field(default_factory=list)
     """row counts of chunks without zeros (their blocks are all kept: tiled only if the tensor has zeros)"""
 
@@ -171,7 +172,7 @@ class _Measuring:
         dense = nonzeros == values.numel()
         if self.blocks and dense:
             self.dense_rows.append(values.shape[0])
-        self._falsify(values, dense)
+        self._falsify(values)
         for part in _slices(values):  # the measures below make float64 and float copies: a slice at a time
             if self.on_grid:
                 self._grid(part)
@@ -180,23 +181,18 @@ class _Measuring:
                 self.row_bits = None if bits is None else max(self.row_bits, bits)
             if self.blocks and not dense:
                 self._tile(part)
-            if not (self.on_grid or self.row_bits is not None or (self.blocks and not dense)):
+            elif not (self.on_grid or self.row_bits is not None):
                 break
 
-    def _falsify(self, values: torch.Tensor, dense: bool) -> None:
+    def _falsify(self, values: torch.Tensor) -> None:
         """Answer "no" cheaply where a small part of the chunk does: the first row on no grid (then the tensor, and
-        its rows, lie on none), a block shape that leaves a zero beside a nonzero in the first columns (whole
-        blocks of the tensor: it fits no more)."""
+        its rows, lie on none)."""
         head = values[:1]
         if self.on_grid:
             self._grid(head)
         if self.row_bits is not None and values.dim() == 2:
             bits, _ = measure_rows(head)
             self.row_bits = None if bits is None else max(self.row_bits, bits)
-        if self.blocks and not dense and values.dim() == 2 and values.shape[1] > HEAD_COLUMNS:
-            for shape in list(self.blocks):
-                if not tile(values[:, :HEAD_COLUMNS], shape).exact:
-                    del self.blocks[shape]
 
     def _grid(self, values: torch.Tensor) -> None:
         chunk = torch.unique(values.reshape(-1).to(torch.float64))
@@ -205,30 +201,25 @@ class _Measuring:
             self.on_grid = False  # a superset of values on no grid lies on none either
 
     def _tile(self, values: torch.Tensor) -> None:
-        for shape in list(self.blocks):
-            part = tile(values, shape)
-            if not part.exact:  # a block holding zeros and nonzeros: this shape cannot hold every zero
-                del self.blocks[shape]
-                continue
-            _accumulate(self.blocks[shape], part)
+        for part in candidates(values):  # whole 16-row block rows: the counts of the chunks add up
+            _accumulate(self.blocks[part.shape], part)
 
     def finish(self) -> TensorStats:
         t = self.tensor
         grid = measure(self.unique) if self.on_grid and self.unique is not None else None
-        blocks = None
+        tilings = []
         if self.blocks and self.nonzeros < t.numel:
             cols = t.numel // t.shape[0] if t.shape[0] else 0
-            for rows in self.dense_rows:
-                for shape, totals in self.blocks.items():
-                    full, rest = divmod(rows, PROBE_ROWS)  # chunks are whole multiples of the tallest block
-                    if full:
-                        _accumulate(totals, tile(torch.ones(PROBE_ROWS, cols), shape), full)
-                    if rest:
-                        _accumulate(totals, tile(torch.ones(rest, cols), shape))
-            blocks = fitting(
+            for rows in self.dense_rows:  # chunks without zeros: every block kept
+                full, rest = divmod(rows, PROBE_ROWS)
+                for height, times in ((PROBE_ROWS, full), (rest, 1)):
+                    if height and times:
+                        for part in candidates(torch.ones(height, cols)):
+                            _accumulate(self.blocks[part.shape], part, times)
+            tilings = [
                 Blocks(shape, n, kept, elements, elements == self.nonzeros)
                 for shape, (n, kept, elements) in self.blocks.items()
-            )
+            ]
         return TensorStats(
             name=t.name,
             dtype=t.dtype,
@@ -237,12 +228,9 @@ class _Measuring:
             measured_bits=grid.bits if grid is not None else None,
             row_bits=self.row_bits if t.numel else None,
             distinct=int(self.unique.numel()) if self.unique is not None else 0,
-            blocks=blocks,
+            tilings=tilings,
         )
 
-
-HEAD_COLUMNS = 256
-"""Columns of a chunk tried first for block shapes (a multiple of every candidate block width)."""
 
 MEASURE_ELEMENTS = 1 << 20
 """Elements measured at a time for grids and blocks (their float copies stay a few MiB)."""

@@ -18,6 +18,7 @@ from typer.testing import CliRunner  # noqa: E402
 import micronet_score as ms  # noqa: E402
 from micronet_score.audit import audit  # noqa: E402
 from micronet_score.cli import app  # noqa: E402
+from micronet_score.counting.blocks import candidates  # noqa: E402
 from micronet_score.scoring import CountOptions, measure_directory  # noqa: E402
 from micronet_score.streaming import measure_files, read_header, weight_files  # noqa: E402
 
@@ -57,10 +58,11 @@ def test_streamed_statistics_equal_the_audit_of_the_values_in_memory(tmp_path, c
     for name in names:
         s, a = stats[name], reference.tensor(name)
         assert (s.nonzeros, s.measured_bits, s.row_bits) == (a.nonzeros, a.measured_bits, a.row_bits), name
-        assert (s.blocks.shape if s.blocks else None) == a.block_shape, name
-        if s.blocks:
-            assert (s.blocks.kept, s.blocks.kept_elements) == (a.blocks_kept, a.stored_values)
-    assert stats["block4x4"].blocks.shape == (4, 4) and stats["grid4"].measured_bits == 4
+        whole = candidates(tensors[name]) if tensors[name].dim() > 1 and s.nonzeros < s.numel else []
+        assert s.tilings == whole, name  # every tiling, summed over chunks, equals the whole tensor's
+    four = next(b for b in stats["block4x4"].tilings if b.shape == (4, 4))
+    assert four.exact and four.kept == reference.tensor("block4x4").blocks_kept  # the audit's choice: 4x4 blocks
+    assert stats["grid4"].measured_bits == 4
     assert stats["rows8"].measured_bits is None and stats["rows8"].row_bits == 8
     assert sum(seen) == sum(t.numel() * t.element_size() for t in tensors.values())  # progress over every byte
     block_rows = max(16 * t[0].numel() * t.element_size() for t in tensors.values() if t.dim() == 2 and len(t))
@@ -68,8 +70,8 @@ def test_streamed_statistics_equal_the_audit_of_the_values_in_memory(tmp_path, c
 
 
 def _llama(tmp_path: Path, shard: str = "60KB") -> tuple[torch.nn.Module, Path]:
-    """A tiny Llama with random weights: one MLP weight 50% pruned, one attention weight on a 4-bit grid, one
-    embedding row of zeros; saved as sharded safetensors the way transformers saves it."""
+    """A tiny Llama with random weights: one MLP weight 50% pruned, one by 4x4 blocks, one attention weight on a
+    4-bit grid, one embedding row of zeros; saved as sharded safetensors the way transformers saves it."""
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
     with torch.no_grad():
@@ -79,6 +81,9 @@ def _llama(tmp_path: Path, shard: str = "60KB") -> tuple[torch.nn.Module, Path]:
         scale = q.abs().max() / 7
         q.copy_((q / scale).round().clamp(-8, 7) * scale)
         model.model.embed_tokens.weight[3] = 0
+        down = model.model.layers[1].mlp.down_proj.weight  # pruned by 4x4 blocks: stored block-sparse
+        rows, cols = down.shape
+        down *= (torch.rand(rows // 4, cols // 4) < 0.5).repeat_interleave(4, 0).repeat_interleave(4, 1)
     directory = tmp_path / "llama"
     model.save_pretrained(directory, max_shard_size=shard)
     return model, directory
@@ -99,6 +104,10 @@ def test_a_sharded_model_counted_from_its_files_equals_the_in_memory_count(tmp_p
     assert _totals(streamed) == pytest.approx(_totals(real), rel=1e-12)
     rows = {r.name: (r.params, r.nonzeros, r.storage, r.flops) for r in streamed.layers}
     assert rows == {r.name: (r.params, r.nonzeros, r.storage, r.flops) for r in in_memory.layers}
+    chosen = {t.name: t.representation for t in streamed.tensors}
+    assert chosen == {t.name: t.representation for t in in_memory.tensors}
+    assert chosen["model.layers.1.mlp.down_proj.weight"] == "block 4x4"  # the rule's choice, from streamed tilings
+    assert chosen["model.layers.0.mlp.up_proj.weight"] == "masked" and chosen["lm_head.weight"] == "dense"
     up = next(r for r in streamed.layers if r.name == "model.layers.0.mlp.up_proj")
     assert up.nonzeros == int(torch.count_nonzero(model.model.layers[0].mlp.up_proj.weight)) < up.params
     assert not any("density is unknown" in w for w in streamed.warnings)
