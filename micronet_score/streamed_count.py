@@ -23,9 +23,12 @@ from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.representation import Choice, worth_tiling
 from micronet_score.errors import MicronetError
 from micronet_score.report import Report
+from micronet_score.ruleset import DEFAULT_RULES
 from micronet_score.streaming import (
     CHUNK_BYTES,
+    StoredTensor,
     TensorStats,
+    Tilings,
     byte_progress,
     measure_files,
     memory_budget,
@@ -68,6 +71,31 @@ def read_config(directory: Path) -> dict:
             "Count the unquantized model with --bits for the declared width, or a torch.ao quantized model"
         )
     return config
+
+
+def _tilings(config: dict, counter_options: dict) -> Tilings:
+    """The representation rule of the count, so that the streaming follows only block tilings that can win: each
+    tensor at a width no larger than the count or the audit will store it at (the file's dtype or the
+    configuration's, declared widths included)."""
+    from micronet_score.counting.api import _load_rules
+    from micronet_score.counting.grid import dtype_bits
+    from micronet_score.counting.representation import check_choice
+    from micronet_score.counting.storage import native_bits
+
+    rules = _load_rules(counter_options.get("rules") or DEFAULT_RULES)
+    policy = BitPolicy(rules, counter_options.get("bits"), counter_options.get("act_bits"),
+                       dict(counter_options.get("weight_bits") or {}), counter_options.get("freebie", False))
+    configured = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
+    dtypes = {configured} if isinstance(configured, torch.dtype) else set()
+
+    def width(tensor: StoredTensor) -> int:
+        widths = [policy.stored([tensor.name], p, native_bits(torch.empty(0, dtype=d, device="meta")))
+                  for p in (True, False) for d in dtypes | {tensor.dtype}]
+        declared = policy.declared([tensor.name], True)
+        widths.append(declared if declared is not None else dtype_bits(tensor.dtype))
+        return min(widths)
+
+    return Tilings(rules.mask, check_choice(counter_options.get("representation", "auto"), rules), width)
 
 
 def _has_vocabulary(config: dict) -> bool:
@@ -194,6 +222,8 @@ def count_directory(
                             f"and this configuration ({config.get('model_type', 'no model_type')}) has no vocabulary")
     files = weight_files(directory)
     stats: dict[str, TensorStats] = {}
+    counter_options = dict(counter_options)
+    tilings = _tilings(config, counter_options)
     with ThreadPoolExecutor(1, thread_name_prefix="micronet-build") as builder:
         building = builder.submit(_meta_model, directory)  # importing transformers overlaps reading the files
         if files:
@@ -204,7 +234,7 @@ def count_directory(
                     if building.done() and building.exception() is not None:
                         raise building.exception()  # a configuration transformers cannot build: stop reading
 
-                stats = measure_files(files, chunk_bytes=chunk_bytes, progress=measured)
+                stats = measure_files(files, chunk_bytes=chunk_bytes, progress=measured, tilings=tilings)
         model = building.result()
     counter = Counter(model, **counter_options)
     warnings = []

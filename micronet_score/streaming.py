@@ -28,8 +28,10 @@ import torch
 
 from micronet_score.counting.blocks import CANDIDATES, Blocks, candidates
 from micronet_score.counting.grid import MAX_LEVELS, measure, measure_rows
+from micronet_score.counting.representation import Choice, tiling_may_win
 from micronet_score.counting.storage import count_nonzero
 from micronet_score.errors import MicronetError
+from micronet_score.ruleset import MaskPolicy
 
 CHUNK_BYTES = 64 << 20
 """Bytes read and measured at a time."""
@@ -145,11 +147,25 @@ class TensorStats:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class Tilings:
+    """Which block tilings to follow: every candidate (None) unless a representation rule says which can win."""
+
+    mask: MaskPolicy
+    choice: Choice
+    width: Callable[[StoredTensor], int]
+    """a width no larger than the one the tensor will be stored at"""
+
+    def follows(self) -> bool:
+        return self.mask.block_sparsity and self.choice not in ("dense", "masked")
+
+
 @dataclass
 class _Measuring:
     """One tensor's statistics, accumulated chunk by chunk."""
 
     tensor: StoredTensor
+    tilings: Tilings | None = None
     nonzeros: int = 0
     unique: torch.Tensor | None = None
     on_grid: bool = True
@@ -158,12 +174,15 @@ class _Measuring:
     """candidate shape -> [blocks, kept, kept elements] so far"""
     dense_rows: list[int] = field(default_factory=list)
     """row counts of chunks without zeros (their blocks are all kept: tiled only if the tensor has zeros)"""
+    _tiled_nonzeros: int = 0
+    """nonzeros of the slices tiled so far"""
 
     def __post_init__(self) -> None:
-        if len(self.tensor.shape) >= 2:
-            self.blocks = {shape: [0, 0, 0] for shape in CANDIDATES}
-        else:
+        if len(self.tensor.shape) < 2:
             self.row_bits = None
+        elif self.tilings is None or self.tilings.follows():
+            self.blocks = {shape: [0, 0, 0] for shape in CANDIDATES}
+        self.width = self.tilings.width(self.tensor) if self.tilings is not None else 0
 
     def add(self, values: torch.Tensor) -> None:
         """A chunk: whole rows of the tensor viewed as (dim 0, rest), or a flat run of a 1-d tensor."""
@@ -172,6 +191,7 @@ class _Measuring:
         dense = nonzeros == values.numel()
         if self.blocks and dense:
             self.dense_rows.append(values.shape[0])
+
         self._falsify(values)
         for part in _slices(values):  # the measures below make float64 and float copies: a slice at a time
             if self.on_grid:
@@ -201,8 +221,18 @@ class _Measuring:
             self.on_grid = False  # a superset of values on no grid lies on none either
 
     def _tile(self, values: torch.Tensor) -> None:
+        self._tiled_nonzeros += count_nonzero(values)[0]
         for part in candidates(values):  # whole 16-row block rows: the counts of the chunks add up
-            _accumulate(self.blocks[part.shape], part)
+            if part.shape in self.blocks:
+                _accumulate(self.blocks[part.shape], part)
+        if self.tilings is None or self.tilings.choice != "auto":
+            return
+        rows, numel = self.tensor.shape[0], self.tensor.numel
+        cols = numel // rows
+        for shape, (_, _, kept_elements) in list(self.blocks.items()):
+            total = -(-rows // shape[0]) * -(-cols // shape[1])  # blocks of the whole tensor
+            if not tiling_may_win(kept_elements, self._tiled_nonzeros, total, numel, self.width, self.tilings.mask):
+                del self.blocks[shape]  # it stores more zeros than a mask costs already: never chosen
 
     def finish(self) -> TensorStats:
         t = self.tensor
@@ -280,9 +310,11 @@ def measure_files(
     files: list[Path],
     chunk_bytes: int = CHUNK_BYTES,
     progress: Callable[[int], None] | None = None,
+    tilings: Tilings | None = None,
 ) -> dict[str, TensorStats]:
     """Statistics of every tensor of these safetensors files, read once in bounded chunks (``progress(n)`` is
-    called with the bytes of each chunk measured)."""
+    called with the bytes of each chunk measured). ``tilings``: follow only the block tilings that its rule
+    leaves a chance (default: every candidate, in full)."""
     tensors = [t for path in files for t in read_header(path)]
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
@@ -315,7 +347,7 @@ def measure_files(
             if current is None or current.tensor is not tensor:
                 if current is not None:
                     stats[current.tensor.name] = current.finish()
-                current = _Measuring(tensor)
+                current = _Measuring(tensor, tilings)
             if nbytes:
                 current.add(torch.frombuffer(view, dtype=tensor.dtype).view(shape))
             if progress is not None:
@@ -324,7 +356,7 @@ def measure_files(
             stats[current.tensor.name] = current.finish()
     for tensor in tensors:  # tensors without values (a zero in the shape)
         if tensor.name not in stats:
-            stats[tensor.name] = _Measuring(tensor).finish()
+            stats[tensor.name] = _Measuring(tensor, tilings).finish()
     return stats
 
 

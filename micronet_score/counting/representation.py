@@ -109,6 +109,14 @@ def worth_tiling(
     return floor < min(numel * width, nonzeros * width + numel * mask.bits_per_element)
 
 
+def tiling_may_win(kept_elements: int, nonzeros: int, blocks: int, numel: int, width: int, mask: MaskPolicy) -> bool:
+    """Whether a block tiling can store a tensor in fewer bits than its nonzeros plus a per-element mask; if not,
+    it is never chosen (its dot products keep at least the nonzeros' terms too, and ties go to the mask).
+    ``kept_elements`` and ``nonzeros`` may count part of the tensor (the zeros its kept blocks store only grow);
+    ``blocks`` is the whole tensor's."""
+    return (kept_elements - nonzeros) * width + blocks * mask.bits_per_block < numel * mask.bits_per_element
+
+
 def options(numel: int, nonzeros: int, width: int, mask: MaskPolicy, blocks: list[Blocks]) -> list[Representation]:
     """Every legal representation of a tensor, dense first."""
     always = 0.0 if mask.only_sparse_tensors else numel * mask.bits_per_element
