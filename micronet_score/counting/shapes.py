@@ -249,7 +249,7 @@ def _batch_norm_no_training(args: tuple, kwargs: dict) -> tuple | None:
 
 
 def _pointwise(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """Floating elementwise arithmetic of contiguous tensors on one device (and numbers): the broadcast shape at
+    """Floating elementwise arithmetic of row-major tensors on one device (and numbers): the broadcast shape at
     the promoted dtype (torch.result_type), contiguous, as torch's kernels make it for such inputs."""
     if len(args) > 2 or set(kwargs) - {"alpha"}:
         return None
@@ -257,7 +257,7 @@ def _pointwise(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if not tensors or any(isinstance(a, bool) or not isinstance(a, (torch.Tensor, int, float)) for a in args):
         return None
     device = tensors[0].device
-    if any(not t.is_floating_point() or not t.is_contiguous() or t.device != device for t in tensors):
+    if any(not t.is_floating_point() or not _row_major(t) or t.device != device for t in tensors):
         return None
     dtype = torch.result_type(args[0], args[1]) if len(args) == 2 else tensors[0].dtype
     return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device=device)
@@ -267,6 +267,13 @@ def _triangle(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """tril(x, diagonal) of a contiguous tensor: like its input, whatever its dtype."""
     x = args[0]
     return _like(x) if isinstance(x, torch.Tensor) and x.is_contiguous() and x.dim() >= 2 else None
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    """Strides that do not grow along the dims (contiguous, or a slice of a contiguous tensor): torch lays the
+    output of elementwise ops on such inputs out contiguously."""
+    strides = [st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1]
+    return all(a >= b for a, b in zip(strides, strides[1:], strict=False))
 
 
 def _mean_dim(args: tuple, kwargs: dict) -> torch.Tensor | None:
