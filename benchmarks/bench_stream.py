@@ -169,9 +169,11 @@ def bench_big(name: str, base: Path) -> dict:
             layers = report["layers"]
             result["density"] = sum(r["nonzeros"] for r in layers) / sum(r["params"] for r in layers)
         # the streaming phase alone (warm): measure_files in a process whose imports are done
-        code = ("import time; from pathlib import Path; from micronet_score.streaming import measure_files, "
-                f"weight_files; files = weight_files(Path({str(directory)!r})); t = time.perf_counter(); "
-                "measure_files(files); print(time.perf_counter() - t)")
+        code = ("import json, time; from pathlib import Path; from micronet_score.streaming import measure_files, "
+                "weight_files; from micronet_score.streamed_count import _tilings; "
+                f"d = Path({str(directory)!r}); files = weight_files(d); "
+                "rule = _tilings(json.loads((d / 'config.json').read_text()), {}); t = time.perf_counter(); "
+                "measure_files(files, tilings=rule); print(time.perf_counter() - t)")
         cat(directory)
         _, result["measure_files_warm_peak_gb"], out = run_measured([sys.executable, "-c", code])
         result["measure_files_warm_s"] = float(out)
