@@ -213,3 +213,12 @@ def test_an_architecture_transformers_cannot_build_stops_the_reading_with_one_er
     (directory / "config.json").write_text(json.dumps(config))
     result = CliRunner().invoke(app, ["count", str(directory), "--stream"])
     assert result.exit_code == 2 and "error:" in result.output and "transformers cannot" in result.output
+
+
+@pytest.mark.parametrize("representation", ["dense", "masked", "block"])
+def test_a_forced_representation_counts_the_same_from_the_files(tmp_path, representation):
+    model, directory = _llama(tmp_path)
+    streamed = measure_directory(directory, CountOptions(representation=representation), progress=False)
+    in_memory = ms.count(model, torch.zeros((1, TOKENS), dtype=torch.long), representation=representation)
+    assert _totals(streamed) == pytest.approx(_totals(in_memory), rel=1e-12)
+    assert {t.name: t.representation for t in streamed.tensors} == {t.name: t.representation for t in in_memory.tensors}
