@@ -40,7 +40,14 @@ from micronet_score.render import (
 )
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES, bundled_rule_names, load_rules
-from micronet_score.scoring import Interrupted, measure_example, measure_images, measure_lm, track_of
+from micronet_score.scoring import (
+    Interrupted,
+    measure_directory,
+    measure_example,
+    measure_images,
+    measure_lm,
+    track_of,
+)
 from micronet_score.warning_groups import warning_lines
 
 
@@ -201,6 +208,9 @@ Verbose = Annotated[bool, typer.Option("--verbose", help="List every warning (by
                                                          "tensors is one line with a count and examples).")]
 ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes on a meta copy, computing nothing "
                                                               "(same totals; not for data-dependent models).")]
+Stream = Annotated[bool, typer.Option("--stream", help="Count a Hugging Face model directory from its files without "
+                                                       "loading it (automatic when the weights exceed half the free "
+                                                       "memory, or when there are none).")]
 
 
 def _options(rules: str, track: str | None, bits: int | None, act_bits: int | None, freebie: bool,
@@ -273,6 +283,20 @@ def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> R
     warnings = declared_width_warnings(loaded.model, bits=declared.bits, act_bits=declared.act_bits,
                                        weight_bits=declared.weight_bits, rules=declared.rules, strict=declared.strict)
     return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report
+
+
+def _streamed(checkpoint: Path, stream: bool) -> bool:
+    """Count from the files: asked for, or a model directory whose weights are absent or exceed the memory
+    budget."""
+    from micronet_score.streamed_count import is_model_directory, weights_exceed_memory
+    from micronet_score.streaming import weight_files
+
+    if not is_model_directory(checkpoint):
+        if stream:
+            raise MicronetError(f"--stream counts a Hugging Face model directory (config.json and safetensors "
+                                f"files); {checkpoint} is not one")
+        return False
+    return stream or not weight_files(checkpoint) or weights_exceed_memory(checkpoint)
 
 
 def _assumed_noted(loaded, report: Report) -> Report:
@@ -365,6 +389,7 @@ def count_command(
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
     shape_only: ShapeOnly = False,
+    stream: Stream = False,
     representation: RepresentationOption = Stored.auto,
     as_json: AsJson = False,
     verbose: Verbose = False,
@@ -386,8 +411,17 @@ def count_command(
       micronet-score count ./my-hf-model --input ids:1x128 --track wikitext103
 
       micronet-score count wrn.pt --shape-only
+
+      micronet-score count llama-7b-pruned/ --stream
     """
     options = _options(rules, track, bits, act_bits, freebie, strict, representation)
+    if _streamed(checkpoint, stream):
+        if model or config or model_args or inputs or data:
+            raise MicronetError("--model, --model-args, --config, --input and --data do not apply to a model "
+                                "directory counted from its files (the architecture comes from its config.json)")
+        report = measure_directory(checkpoint, options, progress=_progress(as_json))
+        _emit(report, as_json, f"{checkpoint} (counted from its files)", verbose)
+        return
     loaded, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
                                        limit_tokens, vocab, labels, _progress(as_json), model_args, inputs,
                                        shape_only)

@@ -261,3 +261,27 @@ def measure_images(
     quality = Quality(metric=f"top1_correct of {result.total}", value=result.correct, threshold=result.threshold,
                       qualifies=result.qualifies and result.complete, complete=result.complete)
     return _finish(report, loaded.model, warnings, quality)
+
+
+def measure_directory(
+    directory: str | os.PathLike, options: CountOptions, *, progress: bool | None = None, **streaming: Any
+) -> Report:
+    """Count a Hugging Face model directory from its files without loading it (a model larger than memory):
+    storage streamed from its safetensors shards, operations from a meta-device forward of the architecture of
+    its ``config.json`` on the example token sequence; declared widths (``bits``, ``act_bits``) audited against
+    the values streamed, violations as warnings (an error with ``strict``). ``streaming``: ``tokens``,
+    ``chunk_bytes`` (see :func:`micronet_score.streamed_count.count_directory`)."""
+    from micronet_score.streamed_count import count_directory
+
+    counter_options = {"rules": options.rules, "track": options.track, "bits": options.bits,
+                       "act_bits": options.act_bits, "freebie": options.freebie, "strict": options.strict,
+                       "representation": options.representation}
+    report, audited = count_directory(Path(directory), counter_options, progress=progress, **streaming)
+    if options.bits is None and options.act_bits is None:
+        return report
+    if options.strict:
+        audited.raise_if_violations()
+    warnings = [f"audit: {v.message}" for v in audited.violations]
+    if not audited.tensors and options.bits is not None:
+        warnings.append("audit: no weights in the directory, so the declared widths could not be checked")
+    return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report

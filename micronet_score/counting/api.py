@@ -13,9 +13,10 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from micronet_score.counting.assemble import build_report
 from micronet_score.counting.bits import BitPolicy
+from micronet_score.counting.blocks import Blocks
 from micronet_score.counting.costs import Prices
 from micronet_score.counting.interpreter import CountingMode, Tally, Uncounted
-from micronet_score.counting.representation import Weights, check_choice
+from micronet_score.counting.representation import Weights, check_choice, worth_tiling
 from micronet_score.counting.shapes import (
     META_FALLBACKS,
     META_FAST,
@@ -97,6 +98,24 @@ class Counter:
         else:
             self._table.refresh(self.model, walk)
         return self._table
+
+    def measured_elsewhere(
+        self, nonzeros: Mapping[str, int], tilings: Mapping[str, list[Blocks]] | None = None
+    ) -> None:
+        """Nonzeros (and every candidate block tiling) by tensor name, measured outside the model: for a model on
+        the meta device whose values live in files (streamed from them), they stand for the values its meta
+        tensors lack. Named tensors then count as known, in storage, in the choice of their representation and in
+        the densities of their operations; the others stay as they are."""
+        table = self._weights()
+        mask = self.rules.mask
+        for info in table.by_key.values():
+            name = next((n for n in info.names if n in nonzeros), None)
+            if name is None:
+                continue
+            info.nonzeros, info.known = nonzeros[name], True
+            found = (tilings or {}).get(name) or []
+            info.blocks = found if worth_tiling(info.numel, info.nonzeros, info.bits, mask, table.choice) else []
+        table.meta = any(not info.known for info in table.by_key.values())
 
     def _check_names(self, walk: Walk) -> None:
         known = {n for n, _ in walk.parameters}
