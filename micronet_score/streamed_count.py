@@ -22,6 +22,7 @@ from micronet_score.counting import Counter
 from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.representation import Choice, worth_tiling
 from micronet_score.errors import MicronetError
+from micronet_score.options import ruleset
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES
 from micronet_score.streaming import (
@@ -77,12 +78,11 @@ def _tilings(config: dict, counter_options: dict) -> Tilings:
     """The representation rule of the count, so that the streaming follows only block tilings that can win: each
     tensor at a width no larger than the count or the audit will store it at (the file's dtype or the
     configuration's, declared widths included)."""
-    from micronet_score.counting.api import _load_rules
     from micronet_score.counting.grid import dtype_bits
     from micronet_score.counting.representation import check_choice
     from micronet_score.counting.storage import native_bits
 
-    rules = _load_rules(counter_options.get("rules") or DEFAULT_RULES)
+    rules = ruleset(counter_options.get("rules") or DEFAULT_RULES)
     policy = BitPolicy(rules, counter_options.get("bits"), counter_options.get("act_bits"),
                        dict(counter_options.get("weight_bits") or {}), counter_options.get("freebie", False))
     configured = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
