@@ -25,6 +25,7 @@ from micronet_score.errors import MicronetError
 from micronet_score.options import ruleset
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES
+from micronet_score.sources import huggingface
 from micronet_score.streaming import (
     CHUNK_BYTES,
     StoredTensor,
@@ -102,30 +103,6 @@ def _has_vocabulary(config: dict) -> bool:
     """A language model's configuration: a vocabulary size, at the top or in its text configuration."""
     text = config.get("text_config")
     return bool(config.get("vocab_size") or (isinstance(text, dict) and text.get("vocab_size")))
-
-
-def _meta_model(directory: Path) -> nn.Module:
-    """The architecture of a Hugging Face directory, built on the meta device from its config.json (local files
-    only; never remote code). Private until the Hugging Face source lands: then its build_model is used."""
-    try:
-        import transformers
-    except ImportError:
-        raise MicronetError("counting a Hugging Face model directory needs transformers: "
-                            "pip install 'micronet-score[hf]'") from None
-    try:
-        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-    except Exception as err:  # transformers raises many kinds for a bad or unknown config
-        raise MicronetError(f"{directory}: transformers cannot read its config.json ({type(err).__name__}: "
-                            f"{(str(err).splitlines() or [''])[0]})") from None
-    classes = [getattr(transformers, name, None) for name in (config.architectures or [])]
-    cls = next((c for c in classes if isinstance(c, type) and issubclass(c, transformers.PreTrainedModel)), None)
-    try:
-        with torch.device("meta"):
-            model = cls._from_config(config) if cls else transformers.AutoModelForCausalLM.from_config(config)
-    except Exception as err:
-        raise MicronetError(f"{directory}: transformers cannot build the architecture of its config.json "
-                            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
-    return model.eval()
 
 
 @dataclass(frozen=True)
@@ -225,7 +202,8 @@ def count_directory(
     counter_options = dict(counter_options)
     tilings = _tilings(config, counter_options)
     with ThreadPoolExecutor(1, thread_name_prefix="micronet-build") as builder:
-        building = builder.submit(_meta_model, directory)  # importing transformers overlaps reading the files
+        # importing transformers and building on meta overlaps reading the files
+        building = builder.submit(huggingface.build_model, directory, "meta")
         if files:
             with byte_progress(total_bytes(files), "measuring weights", progress) as advance:
 
