@@ -168,14 +168,14 @@ def _stream(loaded: LoadedModel, tokens: Tensor, vocabulary: int, device: str | 
     architecture without one returns time-major log-probabilities; any other model follows the documented
     convention of :mod:`micronet_score.token_lm` (checked for its vocabulary and causality first)."""
     from micronet_score.evaluate_lm import resolve_device
-    from micronet_score.token_lm import TokenLM
+    from micronet_score.token_lm import TokenLM, exported_length
 
     model = loaded.model
     if callable(getattr(model, "new_stream", None)):
         return model, None
     if loaded.spec is not None:
         return _LogProbStream(model), None
-    stream = TokenLM(model).to(resolve_device(device)).eval()
+    stream = TokenLM(model, exported_length(loaded.example_inputs)).to(resolve_device(device)).eval()
     with _measuring(loaded, None):
         stream.check(tokens.to(resolve_device(device)), vocabulary)
     return stream, stream.chunk

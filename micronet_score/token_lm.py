@@ -14,7 +14,10 @@ each chunk's forward, with the log-softmax that turns logits into probabilities,
 chunk's predictions. A stateful model's state and a Hugging Face model's cache carry over, so its context is the
 whole stream (a cache restarts when it would pass the model's position limit). A stateless model has only the
 chunk as context: its context restarts every ``context`` tokens (its ``context_size`` attribute, else its config's
-position limit, else 4032), and the whole window's forward is charged to the window's predictions.
+position limit, else 4032), and the whole window's forward is charged to the window's predictions. A program
+exported for ids of one length ``[1, T]`` (a ``.pt2`` without dynamic shapes) is fed windows of ``T`` tokens; a
+shorter last window is padded after its tokens (a causal model's logits of the real tokens do not change), and
+the padded forward, which is what runs, is charged to its predictions.
 
 Causality is checked before evaluating: the logits of a prefix must not change when later tokens are added.
 """
@@ -52,11 +55,12 @@ class TokenLM(nn.Module):
     """A model following the convention above, seen as a streaming LM (``new_stream``;
     ``(inputs, targets, state) -> (nll, state)`` with 1-d inputs and targets)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, length: int | None = None):
         super().__init__()
         self.model = model
         self.huggingface = is_huggingface(model)
-        self.limit = position_limit(model)
+        self.length = length  # the one sequence length a fixed-shape program accepts
+        self.limit = length or position_limit(model)
         self.chunk = min(self.limit or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
         if self.huggingface and self.limit:  # chunks of half the limit: the cache carries over at least once
             self.chunk = max(1, min(self.limit // 2, DEFAULT_CONTEXT))
@@ -75,6 +79,8 @@ class TokenLM(nn.Module):
                 cache, seen = None, 0  # the position limit: a fresh context
             out = self.model(input_ids=ids, use_cache=True, **{self.cache_name: cache})
             return out.logits, (getattr(out, self.cache_name), seen + ids.shape[1])
+        if self.length is not None:
+            return self.model(nn.functional.pad(ids, (0, self.length - ids.shape[1])))[:, : ids.shape[1]], _Start()
         out = self.model(ids) if isinstance(state, _Start) else self.model(ids, state)
         if isinstance(out, tuple):
             if len(out) != 2:
@@ -109,6 +115,15 @@ class TokenLM(nn.Module):
             raise MicronetError("the model's logits at a position change when later tokens are added: it sees "
                                 "tokens before predicting them, which the online protocol forbids (a causal model "
                                 "is needed)")
+
+
+def exported_length(example_inputs: tuple | None) -> int | None:
+    """The sequence length of a program exported for one input of token ids ``[1, T]``, else None."""
+    if example_inputs is None or len(example_inputs) != 1 or not isinstance(example_inputs[0], Tensor):
+        return None
+    ids = example_inputs[0]
+    integer = not ids.is_floating_point() and not ids.is_complex() and ids.dtype != torch.bool
+    return int(ids.shape[1]) if integer and ids.dim() == 2 and ids.shape[0] == 1 else None
 
 
 class _Start:

@@ -359,6 +359,30 @@ def test_stateless_lm_context_restarts_every_window(cli, tmp_path):
     assert report["quality"]["value"] == pytest.approx(math.exp(total / (len(tokens) - 1)), rel=1e-5)
 
 
+def test_exported_lm_of_one_length_is_fed_padded_windows(cli, tmp_path):
+    """A .pt2 exported for ids [1, T] (static shape): windows of T tokens, the last one padded after its tokens;
+    the perplexity is the window-restarting loop's, and each window's whole forward is charged."""
+    vocab, window = 12, 7
+    tokens = _corpus(tmp_path / "data", vocab)
+    torch.manual_seed(0)
+    model = CausalLM(vocab=vocab, dim=16, context=window).eval()
+    program = torch.export.export(model, (torch.zeros(1, window, dtype=torch.long),))
+    torch.export.save(program, tmp_path / "lm.pt2")
+    n = len(tokens) - 1
+    assert n % window != 0  # the last window is a padded one
+    total = 0.0
+    with torch.no_grad():
+        for t in range(n):
+            start = t // window * window
+            logits = model(tokens[None, start: t + 1])
+            total -= torch.log_softmax(logits[0, -1], -1)[tokens[t + 1]].item()
+    report = _perplexity(cli, tmp_path / "lm.pt2", tmp_path / "data")
+    assert report["quality"]["value"] == pytest.approx(math.exp(total / n), rel=1e-5)
+    # every window runs the whole program (ceil(n / T) forwards), and each prediction one log-softmax (3 V)
+    forward = ms.count(model, torch.zeros(1, window, dtype=torch.long), samples=1).flops
+    assert report["flops"] == pytest.approx((math.ceil(n / window) * forward + 3 * vocab * n) / n, rel=1e-9)
+
+
 def test_hugging_face_lm_with_its_cache_equals_a_full_context_loop(transformers, cli, tmp_path):
     vocab = 12
     tokens = _corpus(tmp_path / "data", vocab)
