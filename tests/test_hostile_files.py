@@ -397,3 +397,39 @@ def test_module_names_are_escaped_in_tables_and_markdown():
     render_breakdown([row], total, "op", _Report(), Console(file=out, width=200))
     assert "\x1b" not in out.getvalue() and "forged line" in out.getvalue()
     assert not any(line.startswith("error:") for line in out.getvalue().splitlines())
+
+
+# --- the newer sources: safetensors headers and Hugging Face directories -----------------------------------------
+
+
+def _safetensors(path: Path, header: dict, body: bytes) -> Path:
+    import json
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    return path
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 4_000_000]},  # offsets past the file's end
+    {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 64]},  # a shape that does not fill its bytes
+    {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 64]},  # a shape of 2^80 values
+])
+def test_a_safetensors_header_that_lies(cli, tmp_path, entry):
+    path = _safetensors(tmp_path / "w.safetensors", {"w": entry}, bytes(64))
+    cli_one_error(cli, "count", str(path), "--input", "1x2", words="not a readable safetensors file")
+
+
+def test_a_hugging_face_config_far_larger_than_its_weights_builds_nothing(tmp_path):
+    """config.json asks for 200 layers of width 16,384 (about 640 G values) beside the weights of a 4,624-value
+    GPT-2: the architecture is built on meta within the weights' budget and stops at once."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    stated = json.loads((tmp_path / "hf" / "config.json").read_text())
+    stated.update(n_embd=16384, n_layer=200)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(stated))
+    one_error("count", str(tmp_path / "hf"), words="weight values (the file holds", timeout=120)

@@ -19,6 +19,7 @@ from torch import nn
 
 from micronet_score.errors import MicronetError, first_line
 from micronet_score.sources import safetensors_io
+from micronet_score.sources.build import size_budget
 
 CONFIG = "config.json"
 BIN = "pytorch_model.bin"
@@ -139,6 +140,13 @@ def _dtype_of(state_dict: Any) -> torch.dtype | None:
     return max(sizes, key=sizes.get) if sizes else None
 
 
+def _meta_tensors(state_dict: Any) -> dict[str, torch.Tensor]:
+    """The weights as meta tensors of their shapes (read from the headers for safetensors)."""
+    if isinstance(state_dict, safetensors_io.SafetensorsWeights):
+        return {name: torch.empty(shape, device="meta") for name, shape in state_dict.shapes().items()}
+    return dict(state_dict)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -151,7 +159,11 @@ def load(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     from micronet_score.checkpoint import load_weights
 
     state_dict = weights(directory)
-    model = build_model(directory, dtype=_dtype_of(state_dict), names=set(state_dict))
+    dtype, names = _dtype_of(state_dict), set(state_dict)
+    # config.json can ask for any size: built on meta first, within a budget set by the values the files hold
+    with size_budget(_meta_tensors(state_dict)):
+        build_model(directory, "meta", dtype=dtype, names=names)
+    model = build_model(directory, dtype=dtype, names=names)
     load_weights(model, state_dict, str(directory))
     return model, model.config.to_dict()
 
