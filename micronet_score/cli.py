@@ -168,7 +168,7 @@ def _measure(loaded, options: CountOptions, data: Path | None, split: str, limit
     if per == "token":
         return measure_lm(loaded, options, data, split, vocab_file=vocab, limit_tokens=limit_tokens,
                           device=device, progress=progress)
-    return measure_images(loaded, options, data, labels=labels, device=device, progress=bool(progress))
+    return measure_images(loaded, options, data, labels=labels, device=device, progress=progress)
 
 
 def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> Report:
