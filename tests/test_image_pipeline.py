@@ -115,8 +115,9 @@ def test_pipelined_evaluation_equals_the_model_on_the_same_batches(folder, tmp_p
     model = nn.Sequential(nn.Conv2d(3, 4, 5, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(4, 4)).eval()
     with torch.no_grad():
-        reference = torch.stack([torch.from_numpy(reference_crop(folder / name, resized, box).copy()).permute(2, 0, 1)
-                                 .to(torch.float32).div(255).sub_(MEAN).div_(STD) for name, _, _, resized, box in CASES])
+        crops = [reference_crop(folder / name, resized, box) for name, _, _, resized, box in CASES]
+        reference = torch.stack([torch.from_numpy(c.copy()).permute(2, 0, 1).to(torch.float32).div(255)
+                                 .sub_(MEAN).div_(STD) for c in crops])
         predicted = model(reference).argmax(-1).tolist()
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"{name} {p if i % 2 == 0 else (p + 1) % 4}\n"
@@ -197,8 +198,9 @@ def test_broken_image_in_a_folder_stops_the_evaluation_with_its_name(folder, tmp
 
 
 def test_eval_of_a_decompression_bomb_is_one_error_line(cli, tmp_path):
-    from micronet_score.checkpoint import save_checkpoint
     from micronet_score.models import registry
+
+    from micronet_score.checkpoint import save_checkpoint
 
     folder = tmp_path / "val"
     folder.mkdir()
