@@ -6,7 +6,9 @@
 2. bench_peers.py: counting / forward ratios against fvcore and FlopCounterMode on WRN-28-10, MobileNetV2-1.4,
    the QRNN and the MIT LM, with shape-only counting (results/peers.json);
 3. bench_counting.py: Counter.measure and count() on WRN-28-10 and a transformer layer (results/counting.json);
-4. bench_mit_eval.py, as a subprocess with a small --predictions (results/mit_eval_quick.json; the full-split
+4. bench_snapshot.py: one inference snapshot (Counter.snapshot) against one training step, WRN-16-4 and a small
+   transformer LM, warm and cold (results/snapshot.json);
+5. bench_mit_eval.py, as a subprocess with a small --predictions (results/mit_eval_quick.json; the full-split
    run writes results/mit_eval.json: see that script), with its rate against the machine's matmul limit.
 
 Each step runs in its own process (fresh threads settings, no state carried between benchmarks).
@@ -40,6 +42,7 @@ def main() -> None:
     ok = run("machine.py")
     ok &= run("bench_peers.py")
     ok &= run("bench_counting.py")
+    ok &= run("bench_snapshot.py")
     if not args.skip_eval:
         out = RESULTS / "mit_eval_quick.json"
         if run("bench_mit_eval.py", "--predictions", str(args.eval_predictions), "--out", str(out)):

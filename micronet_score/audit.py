@@ -388,3 +388,23 @@ def _activation_violations(activation: ActivationAudit, scales: list[float], act
             )
         )
     return found
+
+
+def declared_width_warnings(
+    model: nn.Module,
+    *,
+    bits: int | None = None,
+    act_bits: int | None = None,
+    weight_bits: Mapping[str, int] | None = None,
+    rules: str | RuleSet = "micronet-2019",
+    strict: bool = False,
+) -> list[str]:
+    """The check behind every count with declared widths (the CLI's ``--bits``/``--act-bits`` and the API's
+    ``bits``/``act_bits``/``weight_bits``): audit the declaration against what the model holds; each violation
+    is one warning line (``strict``: :class:`MicronetError` instead). Nothing declared: nothing to check."""
+    if bits is None and act_bits is None and not weight_bits:
+        return []
+    result = audit(model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=rules)
+    if strict:
+        result.raise_if_violations()
+    return [f"audit: {v.message}" for v in result.violations]

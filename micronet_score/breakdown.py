@@ -1,7 +1,8 @@
 """Per-layer and per-op rows of a report, aggregated, sorted and written as CSV, Markdown or JSON.
 
 The rows always add up to the report's totals: aggregation to a depth sums the leaf rows below each prefix,
-and ``--top`` keeps the totals row of the whole model.
+and ``--top`` keeps the totals row of the whole model. Columns use the report's names in every format:
+``parameters`` (raw count), ``storage`` and ``operations`` (32-bit equivalents).
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ import io
 import json
 from typing import Literal
 
-from micronet_score.report import Report
+from micronet_score.report import LayerRow, Report
 
-LAYER_COLUMNS = ("name", "type", "params", "nonzeros", "density", "bits", "storage",
-                 "mults", "adds", "others", "flops", "share")
-OP_COLUMNS = ("name", "calls", "mults", "adds", "others", "flops", "share")
-_SUMMED = ("params", "nonzeros", "storage", "mults", "adds", "others", "flops", "share")
+_REPRESENTED = "representation" in LayerRow.model_fields  # the storage representation of a layer's tensors
+LAYER_COLUMNS = ("name", "type", "parameters", "nonzeros", "density", "bits",
+                 *(("representation",) if _REPRESENTED else ()),
+                 "storage", "mults", "adds", "others", "operations", "share")
+OP_COLUMNS = ("name", "calls", "mults", "adds", "others", "operations", "share")
+_SUMMED = ("parameters", "nonzeros", "storage", "mults", "adds", "others", "operations", "share")
+JSON_ALIASES = {"params": "parameters", "flops": "operations"}
+"""Schema-1 keys written beside the new ones in JSON for one release (``params`` was the raw count here)."""
 
 By = Literal["module", "op"]
-SortKey = Literal["ops", "params", "name"]
+SortKey = Literal["ops", "operations", "storage", "parameters", "params", "name"]
 
 
 def _prefix(name: str, depth: int | None) -> str:
@@ -28,10 +33,16 @@ def _prefix(name: str, depth: int | None) -> str:
     return ".".join(name.split(".")[:depth])
 
 
+def _representation(values: list[str]) -> str | None:
+    distinct = sorted({v for v in values if v})
+    return ", ".join(distinct) if distinct else None
+
+
 def module_rows(report: Report, depth: int | None = None) -> list[dict]:
     """One row per module path (leaf rows summed up to ``depth`` path components; None keeps every row)."""
     types = {row.name: row.type for row in report.layers}
     grouped: dict[str, dict] = {}
+    represented: dict[str, list[str]] = {}
     for layer in report.layers:
         key = _prefix(layer.name, depth)
         row = grouped.setdefault(key, {"name": key, "type": types.get(key, ""), "bits": None,
@@ -40,38 +51,59 @@ def module_rows(report: Report, depth: int | None = None) -> list[dict]:
             row[column] += getattr(layer, column)
         if layer.bits is not None:
             row["bits"] = max(row["bits"] or 0, layer.bits)
-    for row in grouped.values():
-        row["density"] = row["nonzeros"] / row["params"] if row["params"] else None
+        represented.setdefault(key, []).append(getattr(layer, "representation", None))
+    for key, row in grouped.items():
+        row["density"] = row["nonzeros"] / row["parameters"] if row["parameters"] else None
+        row["representation"] = _representation(represented[key])
     return [{c: row[c] for c in LAYER_COLUMNS} for row in grouped.values()]
 
 
 def op_rows(report: Report) -> list[dict]:
     """One row per op family."""
-    total = report.flops or 1.0
+    total = report.operations or 1.0
     return [{"name": op.family, "calls": op.calls, "mults": op.mults, "adds": op.adds, "others": op.others,
-             "flops": op.flops, "share": op.flops / total} for op in report.ops]
+             "operations": op.operations, "share": op.operations / total} for op in report.ops]
 
 
 def totals(report: Report, by: By = "module") -> dict:
     """The totals row: equal to the report's storage and operations."""
     if by == "op":
         return {"name": "total", "calls": sum(op.calls for op in report.ops), "mults": report.mults,
-                "adds": report.adds, "others": report.others, "flops": report.flops, "share": 1.0}
-    params = sum(row.params for row in report.layers)
+                "adds": report.adds, "others": report.others, "operations": report.operations, "share": 1.0}
     nonzeros = sum(row.nonzeros for row in report.layers)
     bits = [row.bits for row in report.layers if row.bits is not None]
-    return {"name": "total", "type": "", "params": params, "nonzeros": nonzeros,
-            "density": nonzeros / params if params else None, "bits": max(bits) if bits else None,
-            "storage": report.params, "mults": report.mults, "adds": report.adds, "others": report.others,
-            "flops": report.flops, "share": 1.0 if report.flops else 0.0}
+    row = {"name": "total", "type": "", "parameters": report.parameters, "nonzeros": nonzeros,
+           "density": nonzeros / report.parameters if report.parameters else None,
+           "bits": max(bits) if bits else None,
+           "representation": _representation([getattr(r, "representation", None) for r in report.layers]),
+           "storage": report.storage, "mults": report.mults, "adds": report.adds, "others": report.others,
+           "operations": report.operations, "share": 1.0 if report.operations else 0.0}
+    return {c: row[c] for c in LAYER_COLUMNS}
+
+
+def score_parts(report: Report, rules, depth: int | None = 1) -> list[dict]:
+    """Where the score goes: each module's storage / baseline storage and operations / baseline operations (the
+    score is linear in both, so the parts of all modules add up to the report's score). ``rules`` is the rule set
+    the report was counted by; without a track the parts are shares of the model's storage and operations."""
+    rows = module_rows(report, depth)
+    if report.track is not None:
+        track = rules.track(report.track)
+        storage_unit, operations_unit = track.baseline_params, track.baseline_flops
+    else:
+        storage_unit, operations_unit = report.storage or 1.0, report.operations or 1.0
+    return [{"name": row["name"], "storage": row["storage"] / storage_unit,
+             "operations": row["operations"] / operations_unit} for row in rows]
 
 
 def select(rows: list[dict], sort: SortKey | None = None, top: int | None = None) -> list[dict]:
-    """Rows sorted by operations or parameters (largest first), cut to the ``top`` first."""
-    if sort == "ops":
-        rows = sorted(rows, key=lambda r: -r["flops"])
-    elif sort == "params":
+    """Rows sorted by operations, storage or raw parameters (largest first) or name, cut to the ``top`` first.
+    ``params`` (the schema-1 name) sorts by storage, as it did."""
+    if sort in ("ops", "operations"):
+        rows = sorted(rows, key=lambda r: -r["operations"])
+    elif sort in ("storage", "params"):
         rows = sorted(rows, key=lambda r: -r.get("storage", 0.0))
+    elif sort == "parameters":
+        rows = sorted(rows, key=lambda r: -r.get("parameters", 0))
     elif sort == "name":
         rows = sorted(rows, key=lambda r: r["name"])
     return rows[:top] if top is not None else rows
@@ -106,5 +138,9 @@ def to_markdown(rows: list[dict], total: dict, by: By) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_aliases(row: dict) -> dict:
+    return {**row, **{old: row[new] for old, new in JSON_ALIASES.items() if new in row}}
+
+
 def to_json(rows: list[dict], total: dict) -> str:
-    return json.dumps({"rows": rows, "total": total}, indent=2)
+    return json.dumps({"rows": [_with_aliases(r) for r in rows], "total": _with_aliases(total)}, indent=2)

@@ -328,6 +328,8 @@ def load_model(
         else:
             inferred = spec.config_from_state_dict(state_dict) if spec.config_from_state_dict else {}
             cfg = resolve_config(spec.default_config, inferred, stated, overrides, source)
+            given = {**stated, **(overrides or {}), **inferred}
+            meta = {**meta, "assumed": {k: v for k, v in spec.default_config.items() if k not in given}}
             net = spec.build(cfg)
             load_weights(net, state_dict, source)
     except MicronetError:

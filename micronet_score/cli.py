@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
@@ -21,6 +22,7 @@ except ImportError:  # pragma: no cover - typer < 0.20
 from micronet_score import __version__, breakdown
 from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import resolve_device
+from micronet_score.progress import steps
 from micronet_score.render import (
     console,
     error_console,
@@ -34,6 +36,7 @@ from micronet_score.render import (
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES, bundled_rule_names, load_rules
 from micronet_score.scoring import CountOptions, Interrupted, measure_example, measure_images, measure_lm, track_of
+from micronet_score.warning_groups import warning_lines
 
 
 class _Group(TyperGroup):
@@ -58,6 +61,23 @@ class _Group(TyperGroup):
             error_console().print(f"[bold red]error:[/] {escape(exc.format_message())} (see {where} --help)",
                                   highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+
+    def get_params(self, ctx: typer.Context):
+        return _flags_as_flags(super().get_params(ctx))
+
+    def get_command(self, ctx: typer.Context, name: str):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _flags_as_flags(command.get_params(ctx))
+        return command
+
+
+def _flags_as_flags(params: list) -> list:
+    """Help shows a boolean flag as a flag (``--json``), not as an option taking a value (``--json <bool>``)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
 
 
 app = typer.Typer(
@@ -142,6 +162,8 @@ Vocab = Annotated[Path | None, typer.Option("--vocab", help="Vocabulary file (th
                                                                "or one word per line).")]
 Labels = Annotated[Path | None, typer.Option("--labels", help="ImageNet labels file for an image folder.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="List every warning (by default the same finding on many "
+                                                         "tensors is one line with a count and examples).")]
 ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes on a meta copy, computing nothing "
                                                               "(same totals; not for data-dependent models).")]
 
@@ -171,20 +193,58 @@ def _measure(loaded, options: CountOptions, data: Path | None, split: str, limit
     return measure_images(loaded, options, data, labels=labels, device=device, progress=progress)
 
 
+def _load_and_measure(checkpoint: Path, model: str | None, config: Path | None, device: str, trust_pickle: bool,
+                      options: CountOptions, data: Path | None, split: str, limit_tokens: int | None,
+                      vocab: Path | None, labels: Path | None, show: bool | None):
+    """(loaded model, report): measured over the data (with the evaluation's own progress bar), else on the
+    example input; the steps show on a terminal."""
+    with steps(2 if data is None else 1, show=show) as bar:
+        bar.step(f"loading {checkpoint}")
+        loaded = _load(checkpoint, model, config, device, trust_pickle)
+        if data is None:
+            bar.step("counting the example input")
+            return loaded, _measure(loaded, options, None, split, limit_tokens, vocab, labels, device, show)
+    return loaded, _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, show)
+
+
+def _audited(loaded, bits: int | None, act_bits: int | None, rules, block_shape=None):
+    """The audit of the loaded model against the declared widths (per tensor where the model declares its own
+    weights' widths, as the MIT model does)."""
+    from micronet_score.audit import audit
+
+    return audit(loaded.model, bits=bits, weight_bits=_weight_bits(loaded, bits), act_bits=act_bits, rules=rules,
+                 block_shape=block_shape)
+
+
+def _weight_bits(loaded, bits: int | None) -> dict[str, int] | None:
+    """Per-tensor widths where the model declares its own weights' widths at ``bits`` (the MIT model: quantized
+    tensors at ``bits``, its position table and layer norms unquantized)."""
+    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
+    return loaded.model.declared_weight_bits(bits) if declares and bits else None
+
+
 def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> Report:
     """With --bits or --act-bits, audit the declaration: violations become warnings (an error with --strict)."""
     if options.bits is None and options.act_bits is None:
         return report
-    from micronet_score.audit import audit
+    from micronet_score.audit import declared_width_warnings
 
-    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
-    weight_bits = loaded.model.declared_weight_bits(options.bits) if declares and options.bits else None
-    result = audit(loaded.model, bits=options.bits, weight_bits=weight_bits, act_bits=options.act_bits,
-                   rules=options.rules)
-    if options.strict:
-        result.raise_if_violations()
-    warnings = [f"audit: {v.message}" for v in result.violations]
+    warnings = declared_width_warnings(loaded.model, bits=options.bits, act_bits=options.act_bits,
+                                       weight_bits=_weight_bits(loaded, options.bits), rules=options.rules,
+                                       strict=options.strict)
     return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report
+
+
+def _assumed_noted(loaded, report: Report) -> Report:
+    """Say which settings were assumed: those neither the checkpoint's shapes nor a config file gave (the MIT
+    model's cache size, for one, changes its operations per token several times over)."""
+    assumed = loaded.meta.get("assumed") or {}
+    if not assumed:
+        return report
+    shown = ", ".join(f"{key}={value}" for key, value in assumed.items())
+    note = (f"settings assumed ({loaded.name} defaults; neither the checkpoint nor a config file gives them): "
+            f"{shown}; pass the model's config file with --config to count it as trained")
+    return report.model_copy(update={"warnings": [note, *report.warnings]})
 
 
 def _progress(as_json: bool) -> bool | None:
@@ -210,6 +270,7 @@ def eval_command(
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
+    verbose: Verbose = False,
 ) -> None:
     """Quality metric, storage, operations and score, with the verdict against the track's threshold.
 
@@ -231,11 +292,14 @@ def eval_command(
         checkpoint, demo_config, demo_data = demo_paths()
         config, data = config or demo_config, data or demo_data
     options = _options(rules, track, bits, act_bits, freebie, strict)
-    loaded = _load(checkpoint, model, config, device, trust_pickle)
+    with steps(1, show=_progress(as_json)) as bar:
+        bar.step(f"loading {checkpoint}")
+        loaded = _load(checkpoint, model, config, device, trust_pickle)
     if data is None:
         raise MicronetError("eval needs the test data (--data); `micronet-score count` counts without data")
     report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(as_json))
-    _emit(_declared_widths_checked(loaded, options, report), as_json, f"{loaded.name}: {checkpoint}")
+    report = _assumed_noted(loaded, _declared_widths_checked(loaded, options, report))
+    _emit(report, as_json, f"{loaded.name}: {checkpoint}", verbose)
 
 
 @app.command("count")
@@ -253,6 +317,7 @@ def count_command(
     trust_pickle: TrustPickle = False,
     shape_only: ShapeOnly = False,
     as_json: AsJson = False,
+    verbose: Verbose = False,
 ) -> None:
     """Storage, operations and score without the quality metric, on the architecture's example input.
 
@@ -268,9 +333,13 @@ def count_command(
       micronet-score count wrn.pt --shape-only
     """
     options = _options(rules, track, bits, act_bits, freebie, strict)
-    loaded = _load(checkpoint, model, config, device, trust_pickle)
-    report = measure_example(loaded, options, device=resolve_device(device), shape_only=shape_only)
-    _emit(_declared_widths_checked(loaded, options, report), as_json, f"{loaded.name}: {checkpoint}")
+    with steps(2, show=_progress(as_json)) as bar:
+        bar.step(f"loading {checkpoint}")
+        loaded = _load(checkpoint, model, config, device, trust_pickle)
+        bar.step("counting the example input")
+        report = measure_example(loaded, options, device=resolve_device(device), shape_only=shape_only)
+    report = _assumed_noted(loaded, _declared_widths_checked(loaded, options, report))
+    _emit(report, as_json, f"{loaded.name}: {checkpoint}", verbose)
 
 
 class By(str, Enum):
@@ -280,7 +349,10 @@ class By(str, Enum):
 
 class SortBy(str, Enum):
     ops = "ops"
-    params = "params"
+    operations = "operations"
+    storage = "storage"
+    parameters = "parameters"
+    params = "params"  # schema-1 name of storage, kept one release
     name = "name"
 
 
@@ -289,6 +361,8 @@ class Format(str, Enum):
     json = "json"
     csv = "csv"
     md = "md"
+    svg = "svg"
+    png = "png"
 
 
 @app.command("breakdown")
@@ -296,9 +370,14 @@ def breakdown_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
     by: Annotated[By, typer.Option("--by", help="One row per module or per op family.")] = By.module,
     depth: Annotated[int | None, typer.Option("--depth", min=0, help="Sum modules up to this path depth.")] = None,
-    sort: Annotated[SortBy | None, typer.Option("--sort", help="Sort rows by operations, params or name.")] = None,
+    sort: Annotated[SortBy | None, typer.Option("--sort", help="Sort rows by operations (ops), storage, raw "
+                                                               "parameters or name (params: storage, as before)."
+                                                )] = None,
     top: Annotated[int | None, typer.Option("--top", min=1, help="Keep the K first rows.")] = None,
-    fmt: Annotated[Format, typer.Option("--format", help="table, json, csv or md.")] = Format.table,
+    fmt: Annotated[Format, typer.Option("--format", help="table, json, csv, md, or a chart of where the score goes "
+                                                         "per module: svg or png.")] = Format.table,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file (svg and png; "
+                                                                        "default: stdout).")] = None,
     data: Data = None,
     split: Split = "test",
     limit_tokens: LimitTokens = None,
@@ -323,10 +402,19 @@ def breakdown_command(
       micronet-score breakdown model-1.pth --config config.yaml --depth 2 --sort ops --top 10
 
       micronet-score breakdown wrn.pt --model wrn-28-10 --by op --format csv > ops.csv
+
+      micronet-score breakdown model-1.pth --config config.yaml --format svg -o where-the-score-goes.svg
     """
     options = _options(rules, track, bits, act_bits, freebie, strict)
-    loaded = _load(checkpoint, model, config, device, trust_pickle)
-    report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(fmt != "table"))
+    _, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
+                                  limit_tokens, vocab, labels, _progress(fmt in (Format.json, Format.csv, Format.md)))
+    if fmt in (Format.svg, Format.png):
+        from micronet_score.plots import breakdown_image
+
+        picture = breakdown_image(report, options.rules, depth=1 if depth is None else depth, top=top or 12,
+                                  fmt=fmt.value)
+        _write_picture(picture, output, fmt.value)
+        return
     by_ = by.value
     rows = breakdown.op_rows(report) if by_ == "op" else breakdown.module_rows(report, depth)
     rows = breakdown.select(rows, sort.value if sort else None, top)
@@ -342,6 +430,14 @@ def breakdown_command(
 @app.command("compare")
 def compare_command(
     checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoint files.")],
+    data: Data = None,
+    split: Split = "test",
+    limit_tokens: LimitTokens = None,
+    vocab: Vocab = None,
+    labels: Labels = None,
+    config: Config = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Draw score against quality (needs --data) with the "
+                                                             "track's threshold into this .svg or .png file.")] = None,
     bits: Bits = None,
     act_bits: ActBits = None,
     freebie: Freebie = False,
@@ -351,25 +447,102 @@ def compare_command(
     device: Device = "cpu",
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
+    verbose: Verbose = False,
 ) -> None:
     """Checkpoints side by side (storage, operations, score), with the differences from the first.
+
+    With --data every checkpoint is evaluated (quality and verdict), and --plot draws the trade-off.
 
     Examples:
 
       micronet-score compare dense.pt pruned.pt --model wrn-28-10
+
+      micronet-score compare a.pth b.pth c.pth --config config.yaml --data wikitext-103 --plot tradeoff.svg
     """
     if len(checkpoints) < 2:
         raise MicronetError("compare needs at least two checkpoints")
+    if plot is not None and data is None:
+        raise MicronetError("compare --plot draws score against quality: give the test data with --data")
+    if plot is not None:
+        from micronet_score.plots import image_format
+
+        image_format(plot)  # a bad file name fails before any measuring
     options = _options(rules, track, bits, act_bits, freebie, False)
     reports = {}
-    for path in checkpoints:
-        reports[str(path)] = measure_example(_load(path, model, None, device, trust_pickle), options,
-                                             device=resolve_device(device))
+    with steps(len(checkpoints), show=_progress(as_json)) as bar:
+        for path in checkpoints:
+            bar.step(f"measuring {path}")
+            loaded = _load(path, model, config, device, trust_pickle)
+            with bar.paused() if data is not None else contextlib.nullcontext():
+                reports[str(path)] = _assumed_noted(loaded, _measure(loaded, options, data, split, limit_tokens,
+                                                                     vocab, labels, device, _progress(as_json)))
+    if plot is not None:
+        _plot_tradeoff(reports, options, plot)
     if as_json:
         sys.stdout.write(json.dumps({name: r.model_dump(mode="json", exclude={"layers"})
                                      for name, r in reports.items()}, indent=2) + "\n")
     else:
         render_comparison(reports, console())
+        for name, report in reports.items():
+            for warning in warning_lines(report.warnings, verbose):
+                error_console().print(f"[yellow]warning:[/] {escape(name)}: {escape(warning)}", soft_wrap=True)
+
+
+@app.command("report")
+def report_command(
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (default: the bundled demo, evaluated on "
+                                                           "its corpus).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
+    data: Data = None,
+    split: Split = "test",
+    limit_tokens: LimitTokens = None,
+    vocab: Vocab = None,
+    labels: Labels = None,
+    bits: Bits = None,
+    act_bits: ActBits = None,
+    freebie: Freebie = False,
+    rules: Rules = DEFAULT_RULES,
+    track: Track = None,
+    config: Config = None,
+    model: ModelName = None,
+    device: Device = "cpu",
+    strict: Strict = False,
+    trust_pickle: TrustPickle = False,
+) -> None:
+    """A self-contained HTML page: the headline (score, storage, operations, quality and verdict), charts of where
+    the score goes per module (hover, click into), the sortable per-layer table, the audit, uncounted ops and
+    warnings. One file, everything inline: it opens without a network.
+
+    Measured over --data when given (with the quality and verdict), else on the example input.
+
+    Examples:
+
+      micronet-score report -o demo.html
+
+      micronet-score report model-1.pth --config config.yaml --data wikitext-103 --bits 9 -o mit.html
+    """
+    from micronet_score.html_report import write_html
+
+    if checkpoint is None:
+        from micronet_score.models.mit_lm import demo_paths
+
+        checkpoint, demo_config, demo_data = demo_paths()
+        config, data = config or demo_config, data or demo_data
+    options = _options(rules, track, bits, act_bits, freebie, strict)
+    loaded, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
+                                       limit_tokens, vocab, labels, None)
+    report = _assumed_noted(loaded, _declared_widths_checked(loaded, options, report))
+    with steps(2) as bar:
+        bar.step("auditing bits and sparsity")
+        findings = _audited(loaded, bits, act_bits, options.rules)
+        bar.step(f"writing {output}")
+        try:
+            write_html(report, output, title=f"{loaded.name}: {checkpoint.name}", audit=findings,
+                       rules=options.rules)
+        except OSError as exc:
+            raise MicronetError(f"cannot write {output}: {exc.strerror or exc}") from None
+    error_console().print(f"wrote {escape(str(output))} (score {report.score:.6g})" if report.score is not None
+                          else f"wrote {escape(str(output))}", soft_wrap=True)
 
 
 @app.command("audit")
@@ -396,7 +569,6 @@ def audit_command(
 
       micronet-score audit model-1.pth --config config.yaml --bits 9 --json
     """
-    from micronet_score.audit import audit
 
     block_shape = None
     if block:
@@ -405,11 +577,11 @@ def audit_command(
         except ValueError:
             raise MicronetError(f"--block takes ROWSxCOLS such as 4x4, got {block!r}") from None
         block_shape = (rows, cols)
-    loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
-    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
-    weight_bits = loaded.model.declared_weight_bits(bits) if declares and bits else None
-    result = audit(loaded.model, bits=bits, weight_bits=weight_bits, act_bits=act_bits, rules=load_rules(rules),
-                   block_shape=block_shape)
+    with steps(2, show=_progress(as_json)) as bar:
+        bar.step(f"loading {checkpoint}")
+        loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
+        bar.step("auditing bits and sparsity")
+        result = _audited(loaded, bits, act_bits, load_rules(rules), block_shape)
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:
@@ -444,16 +616,44 @@ def schema_command() -> None:
 
       micronet-score schema > report.schema.json
     """
-    sys.stdout.write(json.dumps(Report.model_json_schema(), indent=2) + "\n")
+    sys.stdout.write(json.dumps(Report.model_json_schema(mode="serialization"), indent=2) + "\n")
 
 
-def _emit(report: Report, as_json: bool, title: str) -> None:
+def _emit(report: Report, as_json: bool, title: str, verbose: bool = False) -> None:
     if as_json:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     else:
         render_report(report, title, console())
-        for warning in report.warnings:
+        for warning in warning_lines(report.warnings, verbose):
             error_console().print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+
+
+def _write_picture(picture: bytes, output: Path | None, fmt: str) -> None:
+    """A picture to its file, or to stdout (a PNG only when stdout is not a terminal)."""
+    if output is None:
+        if fmt == "png" and sys.stdout.isatty():
+            raise MicronetError("a PNG is binary: write it to a file with -o chart.png (or redirect stdout)")
+        sys.stdout.buffer.write(picture)
+        sys.stdout.flush()
+        return
+    try:
+        output.write_bytes(picture)
+    except OSError as exc:
+        raise MicronetError(f"cannot write {output}: {exc.strerror or exc}") from None
+    error_console().print(f"wrote {escape(str(output))}", soft_wrap=True)
+
+
+def _plot_tradeoff(reports: dict[str, Report], options: CountOptions, plot: Path) -> None:
+    from micronet_score.plots import Point, image_format, tradeoff_image
+
+    first = next(iter(reports.values()))
+    tracks = {r.track for r in reports.values()}
+    if first.track is None or len(tracks) > 1:
+        raise MicronetError("compare --plot needs every checkpoint on one track (give --track)")
+    points = [Point(name, r.score, r.quality.value, r.quality.verdict) for name, r in reports.items()
+              if r.quality is not None and r.score is not None]
+    picture = tradeoff_image(points, options.rules.track(first.track), first.track, fmt=image_format(plot))
+    _write_picture(picture, plot, image_format(plot))
 
 
 def main() -> None:

@@ -16,3 +16,7 @@ class RuleError(MicronetError):
         self.problem = problem
         where = f"{source}: {key}" if key else source
         super().__init__(f"invalid rule set {where}: {problem}")
+
+
+class CountingBug(MicronetError):
+    """An internal inconsistency of the counting (a negative count): a bug to report, named by op and module."""

@@ -74,6 +74,10 @@ def render_rules(rules: RuleSet, out: Console) -> None:
     policy.add_row("batch norm after conv/linear", fo.batch_norm_after_linear)
     policy.add_row("other batch norm", fo.batch_norm_elsewhere)
     policy.add_row("layer norm affine", fo.layer_norm_affine)
+    q = rules.quantization
+    policy.add_row("quantized layers' scales / zero points", f"{q.scale_bits} bits / {q.zero_point_bits}")
+    policy.add_row("attention scale", rules.attention.scale)
+    policy.add_row("attention mask (explicit or causal)", rules.attention.mask)
     out.print(policy)
 
     ops = Table(title="Op prices: elements x per element + groups x per group", title_justify="left")
@@ -81,16 +85,23 @@ def render_rules(rules: RuleSet, out: Console) -> None:
     ops.add_column("per element")
     ops.add_column("per group")
     for name, rule in rules.ops.items():
+        if rule.made_of:
+            parts = " + ".join(f"{n:g} {part}" for part, n in rule.made_of.items())
+            ops.add_row(name, f"made of {parts}", "")
+            continue
         ops.add_row(name, _cost(rule.per_element), _cost(rule.per_group) if rule.per_group != Cost() else "")
     out.print(ops)
 
 
-def _si(value: float) -> str:
+def si(value: float) -> str:
     """Counts as people read them: 1.63M, 11.9M, 0.0475."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(value) >= scale:
             return f"{value / scale:,.4g}{suffix}"
     return f"{value:,.4g}"
+
+
+VERDICT_STYLE = {"qualifies": "green", "does not qualify": "red", "partial run: not a verdict": "yellow"}
 
 
 def render_report(report, title: str, out: Console) -> None:
@@ -100,18 +111,18 @@ def render_report(report, title: str, out: Console) -> None:
     table.add_column("quantity")
     table.add_column("value", justify="right")
     table.add_row("rules / track", f"{report.rules} / {report.track or '-'}")
-    table.add_row("storage (32-bit-equivalent params)", _si(report.params))
-    table.add_row(f"operations per {unit} (32-bit equivalents)", _si(report.flops))
+    table.add_row("parameters (raw count)", f"{report.parameters:,}")
+    table.add_row("storage (32-bit equivalents)", si(report.storage))
+    table.add_row(f"operations per {unit} (32-bit equivalents)", si(report.operations))
     table.add_row(f"  raw mults / adds / others per {unit}",
-                  f"{_si(report.mults)} / {_si(report.adds)} / {_si(report.others)}")
+                  f"{si(report.mults)} / {si(report.adds)} / {si(report.others)}")
     table.add_row(f"{unit}s measured", f"{report.samples:,.0f}")
     if report.score is not None:
         table.add_row("score (lower is better)", f"{report.score:.6g}")
     if report.quality is not None:
         q = report.quality
-        verdict = "[green]qualifies[/]" if q.qualifies else "[red]does not qualify[/]"
         table.add_row(q.metric, f"{q.value:,.6g}" if math.isfinite(q.value) else f"[red]{q.value} (not finite)[/]")
-        table.add_row(f"threshold ({q.threshold:g})", verdict)
+        table.add_row(f"threshold ({q.threshold:g})", f"[{VERDICT_STYLE[q.verdict]}]{q.verdict}[/]")
     if report.conversions:
         table.add_row("format conversions (free)", f"{report.conversions:,}")
     if any("NaN or Inf" in warning for warning in report.warnings):
@@ -134,7 +145,7 @@ def _cell(column: str, value) -> str:
     if column == "density":
         return f"{value:.3f}"
     if isinstance(value, float):
-        return _si(value)
+        return si(value)
     if isinstance(value, int) and column != "bits":
         return f"{value:,}"
     return str(value)
@@ -146,11 +157,11 @@ def render_breakdown(rows: list[dict], total: dict, by: str, report, out: Consol
     cols = columns(by)
     title = f"per {by}: operations per {report.per}, storage in 32-bit equivalents"
     if by == "module" and out.width < 150:
-        cols = ("name", "density", "bits", "storage", "mults", "adds", "others", "flops", "share")
+        cols = ("name", "density", "bits", "storage", "mults", "adds", "others", "operations", "share")
         title += " (wider terminal or --format csv/md/json for every column)"
     table = Table(title=title, title_justify="left")
     for column in cols:
-        table.add_column("operations" if column == "flops" else column,
+        table.add_column(column,
                          justify="left" if column in ("name", "type") else "right", overflow="fold",
                          min_width=16 if column == "name" else None)
     for row in rows:
@@ -167,20 +178,26 @@ def render_comparison(reports: dict, out: Console) -> None:
     table.add_column("quantity")
     for name in names:
         table.add_column(name, justify="right")
-    for label, key in (("storage", "params"), ("operations", "flops"), ("mults", "mults"), ("adds", "adds"),
-                       ("others", "others"), ("score", "score")):
+    for label, key in (("parameters", "parameters"), ("storage", "storage"), ("operations", "operations"),
+                       ("mults", "mults"), ("adds", "adds"), ("others", "others"), ("score", "score")):
         cells = []
         for i, name in enumerate(names):
             value = getattr(reports[name], key)
             if value is None:
                 cells.append("-")
                 continue
-            text = f"{value:.6g}" if key == "score" else _si(value)
+            text = f"{value:.6g}" if key == "score" else f"{value:,}" if key == "parameters" else si(value)
             base = getattr(first, key)
             if i and base:
                 text += f" ({100 * (value - base) / base:+.1f}%)"
             cells.append(text)
         table.add_row(label, *cells)
+    qualities = [reports[name].quality for name in names]
+    if any(q is not None for q in qualities):
+        metric = next(q.metric for q in qualities if q is not None)
+        table.add_row(metric, *(f"{q.value:,.6g}" if q is not None else "-" for q in qualities))
+        table.add_row("verdict", *(f"[{VERDICT_STYLE[q.verdict]}]{q.verdict}[/]" if q is not None else "-"
+                                   for q in qualities))
     out.print(table)
 
 

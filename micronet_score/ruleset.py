@@ -32,25 +32,21 @@ class Cost(_Strict):
     adds: float = 0.0
     others: float = 0.0
 
-    def scaled(self, n: float) -> Cost:
-        return Cost(mults=self.mults * n, adds=self.adds * n, others=self.others * n)
-
-    def __add__(self, other: Cost) -> Cost:
-        return Cost(mults=self.mults + other.mults, adds=self.adds + other.adds, others=self.others + other.others)
-
 
 class OpRule(_Strict):
     """The price of one op family: ``elements * per_element + groups * per_group``.
 
     What the elements and groups of an op are is fixed by its family (for a dot product: the terms and the
     outputs; for a reduction: the inputs and the outputs; for an elementwise op: the output elements).
+    The formula itself is applied in one place, :class:`micronet_score.counting.costs.Price`.
+
+    A composite family (a recurrent cell) is ``made_of`` other families instead: n of its elements cost
+    n * count of each listed family, and its pieces are reported under their own families.
     """
 
     per_element: Cost = Cost()
     per_group: Cost = Cost()
-
-    def cost(self, elements: float, groups: float = 0.0) -> Cost:
-        return self.per_element.scaled(elements) + self.per_group.scaled(groups)
+    made_of: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _per_element_not_negative(self) -> OpRule:
@@ -125,6 +121,26 @@ class FoldingPolicy(_Strict):
     layer_norm_affine: Literal["keep", "fold"]
 
 
+class AttentionPolicy(_Strict):
+    """How scaled dot-product attention is priced, whichever kernel runs it (fused or the math path)."""
+
+    scale: Literal["per_score", "per_query"] = Field(
+        description="the 1/sqrt(d) scale: one multiply per score, or per query element (q scaled first)"
+    )
+    mask: Literal["add_per_score", "free"] = Field(
+        description="an attention mask, explicit or causal: one add per score, or free"
+    )
+
+
+class QuantizationPolicy(_Strict):
+    """Widths of what a quantized layer stores besides its values: scales and zero points."""
+
+    scale_bits: PositiveInt
+    zero_point_bits: PositiveInt | Literal["values"] = Field(
+        description='a width, or "values": the width of the quantized values they offset'
+    )
+
+
 class RuleSet(_Strict):
     """A complete rule set. ``ops`` may omit families: ops of a missing family are reported as uncounted."""
 
@@ -137,9 +153,19 @@ class RuleSet(_Strict):
     freebie: Freebie
     mask: MaskPolicy
     folding: FoldingPolicy
+    attention: AttentionPolicy
+    quantization: QuantizationPolicy
     tracks: dict[str, Track]
     ops: dict[str, OpRule]
     source: str = Field(default="", exclude=True)
+
+    @model_validator(mode="after")
+    def _composites_made_of_priced_families(self) -> RuleSet:
+        for name, rule in self.ops.items():
+            for part in rule.made_of:
+                if part not in self.ops or self.ops[part].made_of:
+                    raise ValueError(f"ops.{name}.made_of names {part!r}, which is not a priced family")
+        return self
 
     def track(self, name: str) -> Track:
         """The track called ``name`` (case, '-' and '_' ignored: 'CIFAR-100' finds 'cifar100')."""

@@ -224,7 +224,7 @@ def measure_lm(
                         "probability of zero, or computes NaN")
     quality = Quality(
         metric="perplexity", value=result.perplexity, threshold=track.threshold if track else float("nan"),
-        qualifies=bool(track and complete and finite and track.qualifies(result.perplexity)),
+        qualifies=bool(track and complete and finite and track.qualifies(result.perplexity)), complete=complete,
     )
     return _finish(report, model, warnings, quality)
 
@@ -258,5 +258,5 @@ def measure_images(
     if not result.complete:
         warnings.append(f"{result.total:,} images evaluated, not the track's whole test set: not the official figure")
     quality = Quality(metric=f"top1_correct of {result.total}", value=result.correct, threshold=result.threshold,
-                      qualifies=result.qualifies and result.complete)
+                      qualifies=result.qualifies and result.complete, complete=result.complete)
     return _finish(report, loaded.model, warnings, quality)

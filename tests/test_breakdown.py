@@ -52,27 +52,27 @@ def test_hand_derived_totals(report):
 def test_module_rows_sum_to_totals(report, depth):
     rows = breakdown.module_rows(report, depth)
     total = breakdown.totals(report)
-    for column in ("storage", "mults", "adds", "others", "flops"):
+    for column in ("storage", "mults", "adds", "others", "operations"):
         assert sum(r[column] for r in rows) == pytest.approx(total[column])
-    assert total["storage"] == report.params and total["flops"] == report.flops
+    assert total["storage"] == report.storage and total["operations"] == report.operations
 
 
 def test_depth_groups_by_path_prefix(report):
     names = {r["name"] for r in breakdown.module_rows(report, depth=1)}
     assert names <= {"", "blocks", "head"} and {"blocks", "head"} <= names
     head = next(r for r in breakdown.module_rows(report, depth=1) if r["name"] == "head")
-    assert head["params"] == 24 and head["nonzeros"] == 16 and head["density"] == pytest.approx(16 / 24)
+    assert head["parameters"] == 24 and head["nonzeros"] == 16 and head["density"] == pytest.approx(16 / 24)
 
 
 def test_op_rows_sum_to_totals(report):
     rows = breakdown.op_rows(report)
-    assert sum(r["flops"] for r in rows) == pytest.approx(report.flops)
+    assert sum(r["operations"] for r in rows) == pytest.approx(report.operations)
     assert {"dot_product", "relu", "add"} <= {r["name"] for r in rows}
 
 
 def test_sort_and_top(report):
     rows = breakdown.select(breakdown.module_rows(report), sort="ops", top=2)
-    assert len(rows) == 2 and rows[0]["flops"] >= rows[1]["flops"]
+    assert len(rows) == 2 and rows[0]["operations"] >= rows[1]["operations"]
 
 
 def test_csv_parses_back_to_the_same_numbers(report):
@@ -81,7 +81,7 @@ def test_csv_parses_back_to_the_same_numbers(report):
     parsed = list(csv.DictReader(io.StringIO(breakdown.to_csv(rows, total, "module"))))
     assert [p["name"] for p in parsed] == [r["name"] for r in rows] + ["total"]
     for p, r in zip(parsed, [*rows, total]):
-        for column in ("params", "storage", "mults", "adds", "flops", "share"):
+        for column in ("parameters", "storage", "mults", "adds", "operations", "share"):
             assert float(p[column]) == r[column]
 
 
@@ -93,10 +93,26 @@ def test_markdown_parses_back_to_the_same_numbers(report):
     body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert header == list(breakdown.OP_COLUMNS)
     for cells, r in zip(body, [*rows, total]):
-        assert float(cells[header.index("flops")]) == r["flops"]
+        assert float(cells[header.index("operations")]) == r["operations"]
 
 
 def test_json_round_trip(report):
     rows = breakdown.module_rows(report)
     data = json.loads(breakdown.to_json(rows, breakdown.totals(report)))
-    assert data["total"]["flops"] == report.flops and len(data["rows"]) == len(rows)
+    assert data["total"]["operations"] == report.operations and len(data["rows"]) == len(rows)
+    # the schema-1 keys, one release: params was the raw count in these rows, flops the operations
+    assert data["total"]["flops"] == report.operations and data["total"]["params"] == report.parameters
+
+
+def test_raw_parameters_are_the_stored_values(report):
+    # Net: 2 blocks x (8x8 weight + 8 bias) + head 3x8 (no bias) = 168 stored values
+    assert report.parameters == 2 * (64 + 8) + 24
+    assert breakdown.totals(report)["parameters"] == report.parameters
+
+
+def test_score_parts_add_up_to_the_score(report):
+    # cifar100 baseline: 36.5M storage, 10.49G operations (the rules' published WideResNet-28-10 figures)
+    parts = breakdown.score_parts(report, ms.load_rules(), depth=1)
+    assert sum(p["storage"] + p["operations"] for p in parts) == pytest.approx(report.score)
+    head = next(p for p in parts if p["name"] == "head")
+    assert head["storage"] == pytest.approx(report.layer("head").storage / 36.5e6)

@@ -41,7 +41,7 @@ def test_eval_without_arguments_scores_the_demo(demo_eval):
     assert quality["metric"] == "perplexity" and quality["threshold"] == 35
     assert quality["qualifies"] == (quality["value"] <= 35)
     # score = storage / 159e6 + operations / 318e6 (the track's baselines)
-    assert demo_eval["score"] == pytest.approx(demo_eval["params"] / 159e6 + demo_eval["flops"] / 318e6)
+    assert demo_eval["score"] == pytest.approx(demo_eval["storage"] / 159e6 + demo_eval["operations"] / 318e6)
     assert demo_eval["uncounted"] == []
     assert demo_eval["conversions"] > 0  # the 9-bit activation quantizers
 
@@ -49,8 +49,8 @@ def test_eval_without_arguments_scores_the_demo(demo_eval):
 def test_report_validates_against_the_published_schema(cli, demo_eval):
     schema = _json(cli, "schema")
     jsonschema.validate(demo_eval, schema)
-    for key in ("schema", "rules", "track", "params", "flops", "mults", "adds", "score", "quality", "layers",
-                "uncounted"):
+    for key in ("schema", "rules", "track", "parameters", "storage", "operations", "params", "flops", "mults",
+                "adds", "score", "quality", "layers", "uncounted"):
         assert key in schema["properties"]
 
 
@@ -60,9 +60,10 @@ def test_breakdown_totals_equal_eval_totals(cli, demo_eval):
     rows = list(csv.DictReader(io.StringIO(out)))
     total = rows[-1]
     assert total["name"] == "total"
-    assert float(total["storage"]) == pytest.approx(demo_eval["params"], rel=1e-12)
-    assert float(total["flops"]) == pytest.approx(demo_eval["flops"], rel=1e-12)
-    assert sum(float(r["flops"]) for r in rows[:-1]) == pytest.approx(float(total["flops"]))
+    assert float(total["storage"]) == pytest.approx(demo_eval["storage"], rel=1e-12)
+    assert float(total["operations"]) == pytest.approx(demo_eval["operations"], rel=1e-12)
+    assert int(total["parameters"]) == demo_eval["parameters"]
+    assert sum(float(r["operations"]) for r in rows[:-1]) == pytest.approx(float(total["operations"]))
 
 
 def test_breakdown_markdown_and_json_parse_back(cli):
@@ -74,9 +75,9 @@ def test_breakdown_markdown_and_json_parse_back(cli):
     body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     as_json = _json(cli, *common, "--format", "json")
     assert [cells[0] for cells in body] == [r["name"] for r in as_json["rows"]] + ["total"]
-    flops = header.index("flops")
-    assert [float(cells[flops]) for cells in body[:-1]] == [r["flops"] for r in as_json["rows"]]
-    assert float(body[-1][flops]) == as_json["total"]["flops"]
+    operations = header.index("operations")
+    assert [float(cells[operations]) for cells in body[:-1]] == [r["operations"] for r in as_json["rows"]]
+    assert float(body[-1][operations]) == as_json["total"]["operations"]
 
 
 def test_breakdown_table_depth_sort_top(cli):
@@ -107,7 +108,7 @@ def _small_wrn(tmp_path, name="wrn.pt", sparsity=0.0):
 def test_count_self_describing_checkpoint(cli, tmp_path):
     report = _json(cli, "count", str(_small_wrn(tmp_path)), "--json")
     assert report["track"] == "cifar100" and report["per"] == "sample" and report["samples"] == 1
-    assert report["score"] == pytest.approx(report["params"] / 36.5e6 + report["flops"] / 10.49e9)
+    assert report["score"] == pytest.approx(report["storage"] / 36.5e6 + report["operations"] / 10.49e9)
 
 
 def test_count_raw_state_dict_needs_and_takes_model(cli, tmp_path):
@@ -115,7 +116,7 @@ def test_count_raw_state_dict_needs_and_takes_model(cli, tmp_path):
     torch.save(torch.load(CKPT, weights_only=True)["net"], raw)
     report = _json(cli, "count", str(raw), "--model", "mit-lm", "--config", str(CONFIG), "--json")
     again = _json(cli, "count", str(CKPT), "--config", str(CONFIG), "--json")
-    assert report["params"] == again["params"] and report["flops"] == again["flops"]
+    assert report["storage"] == again["storage"] and report["operations"] == again["operations"]
 
 
 class TinyNet(nn.Module):
@@ -169,7 +170,7 @@ def test_compare_dense_and_pruned(cli, tmp_path):
     dense, pruned = _small_wrn(tmp_path, "dense.pt"), _small_wrn(tmp_path, "pruned.pt", sparsity=0.9)
     data = _json(cli, "compare", str(dense), str(pruned), "--json")
     a, b = data[str(dense)], data[str(pruned)]
-    assert b["params"] < a["params"] and b["flops"] < a["flops"]
+    assert b["storage"] < a["storage"] and b["operations"] < a["operations"]
     code, out, _ = cli("compare", str(dense), str(pruned))
     assert code == 0 and "%" in out
 
@@ -224,7 +225,7 @@ def test_count_shape_only_gives_the_same_totals(cli, tmp_path):
     path = str(_small_wrn(tmp_path, sparsity=0.5))
     real = _json(cli, "count", path, "--json")
     shapes = _json(cli, "count", path, "--shape-only", "--json")
-    for key in ("params", "flops", "mults", "adds", "others", "score"):
+    for key in ("parameters", "storage", "operations", "mults", "adds", "others", "score"):
         assert shapes[key] == real[key]
     code, _, err = cli("count", str(CKPT), "--config", str(CONFIG), "--shape-only")
     assert code == 2 and "shape_only" in " ".join(err.split())
@@ -251,7 +252,7 @@ def test_eval_image_model_on_a_cifar_archive(cli, tmp_path):
     assert report["quality"]["value"] == correct and report["quality"]["threshold"] == 8000
     assert report["quality"]["qualifies"] is False and report["samples"] == 20
     one = _json(cli, "count", str(path), "--json")  # one example image: per-image work is the same
-    assert report["mults"] == pytest.approx(one["mults"]) and report["params"] == one["params"]
+    assert report["mults"] == pytest.approx(one["mults"]) and report["storage"] == one["storage"]
 
 
 def test_directory_as_checkpoint_is_one_line(cli, tmp_path):

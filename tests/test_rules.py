@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from micronet_score import RuleError, load_rules
+from micronet_score.counting.costs import Prices
 from micronet_score.ruleset import bundled_rule_names
 
 BUNDLED = Path(__file__).resolve().parents[1] / "rules" / "micronet-2019.toml"
@@ -64,9 +65,11 @@ def test_unit_freebie_mask_and_accumulator(rules):
 
 def test_official_op_prices(rules):
     # counting.py: a dot product of length n is n mults and n - 1 adds; a bias 1 add per output.
-    dot = rules.ops["dot_product"].cost(elements=10 * 7, groups=7)
-    assert (dot.mults, dot.adds, dot.others) == (70, 63, 0)
-    assert rules.ops["bias"].cost(7).adds == 7
+    prices = Prices(rules)
+    [(_, dot)] = prices.charge([], "dot_product", 10 * 7, 7)
+    assert dot == (70, 63, 0)
+    [(_, bias)] = prices.charge([], "bias", 7)
+    assert bias[1] == 7
     assert (rules.ops["relu"].per_element.mults, rules.ops["relu"].per_element.adds) == (1, 0)
     silu = rules.ops["silu"].per_element
     assert (silu.mults, silu.adds) == (3, 1)
@@ -74,8 +77,8 @@ def test_official_op_prices(rules):
     assert (sigmoid.mults, sigmoid.adds) == (2, 1)
     assert rules.ops["transcendental"].per_element.others == 1
     # softmax over n values: n exp + (n - 1) adds + n divisions = 3n - 1 (the MIT entry's figure)
-    s = rules.ops["softmax"].cost(elements=97, groups=1)
-    assert s.mults + s.adds + s.others == 3 * 97 - 1
+    [(_, s)] = prices.charge([], "softmax", 97, 1)
+    assert sum(s) == 3 * 97 - 1
 
 
 def test_unknown_track_is_a_clear_error(rules):

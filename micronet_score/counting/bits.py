@@ -11,10 +11,19 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from micronet_score.errors import MicronetError
 from micronet_score.ruleset import RuleSet
+
+FLOAT_BITS: dict[torch.dtype, int] = {torch.float16: 16, torch.bfloat16: 16}
+FLOAT_BITS.update(
+    {getattr(torch, name): 8 for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+     if hasattr(torch, name)}
+)
+"""Floating-point dtypes narrower than the default width: a value of one has its dtype's width (storage, and
+the width of the multiplies it enters), as an fp16 or bf16 model and autocast produce."""
 
 
 @dataclass
@@ -38,6 +47,7 @@ class BitPolicy:
                 self.check_freebie(width, what)
         self.weight_bits = dict(self.weight_bits)
         self.activation = self.act_bits or self.rules.default_bits
+        """width of an activation of the default float dtype"""
         self.unit = float(self.rules.unit_bits)
         self.add_bits = self.rules.freebie.add_bits if self.freebie else self.rules.accumulator_bits
 
@@ -57,9 +67,23 @@ class BitPolicy:
                 return self.weight_bits[name]
         return self.bits if is_parameter else None
 
+    def activation_of(self, dtype: torch.dtype) -> int:
+        """Width of an activation nobody marked: the declared activation width, else its dtype's (fp16: 16)."""
+        return self.act_bits or FLOAT_BITS.get(dtype) or self.rules.default_bits
+
+    @property
+    def scale_bits(self) -> int:
+        """Width of a quantized layer's scales (the rule set's quantization policy)."""
+        return self.rules.quantization.scale_bits
+
+    def zero_point_bits(self, value_bits: int) -> int:
+        """Width of the zero points of values quantized to ``value_bits`` (the rule set's quantization policy)."""
+        width = self.rules.quantization.zero_point_bits
+        return value_bits if width == "values" else width
+
     def stored(self, names: list[str], is_parameter: bool, native: int | None = None) -> int:
-        """Storage width of a tensor known by these names: freebie, per-tensor, its integer dtype's width
-        (``native``), global (parameters), default."""
+        """Storage width of a tensor known by these names: freebie, per-tensor, its narrow dtype's width
+        (``native``: integer, quantized, fp16/bf16), global (parameters), default."""
         if self.freebie:
             return self.rules.freebie.param_bits
         for name in names:

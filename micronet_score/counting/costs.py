@@ -20,7 +20,8 @@ Bill = list[tuple[str, Counts | None]]
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """A rule set's price of one family, flattened for the hot path."""
+    """A rule set's price of one family, flattened for the hot path: the one place the formula
+    ``elements * per_element + groups * per_group`` is applied."""
 
     em: float
     ea: float
@@ -38,10 +39,12 @@ class Price:
 
 
 class Prices:
-    """The op prices of a rule set, by family name."""
+    """The op prices of a rule set, by family name, and its pricing policies."""
 
     def __init__(self, rules: RuleSet):
         self.rules = rules
+        self.attention = rules.attention
+        self.keep_layer_norm_affine = rules.folding.layer_norm_affine == "keep"
         self._by_family = {
             name: Price(
                 rule.per_element.mults,
@@ -52,10 +55,18 @@ class Prices:
                 rule.per_group.others,
             )
             for name, rule in rules.ops.items()
+            if not rule.made_of
         }
+        self._made_of = {name: rule.made_of for name, rule in rules.ops.items() if rule.made_of}
 
     def charge(self, bill: Bill, family: str, elements: float, groups: float = 0.0) -> Bill:
-        """Append the price of ``family`` for these elements and groups (None when the family is not priced)."""
+        """Append the price of ``family`` for these elements and groups (None when the family is not priced);
+        a composite family appends the price of each of its parts."""
+        parts = self._made_of.get(family)
+        if parts is not None:
+            for part, n in parts.items():
+                self.charge(bill, part, n * elements)
+            return bill
         price = self._by_family.get(family)
         bill.append((family, None if price is None else price(elements, groups)))
         return bill
@@ -64,9 +75,11 @@ class Prices:
 def dot_product(prices: Prices, terms: float, outputs: float, density: float = 1.0) -> Bill:
     """Dot products of length n = terms * density: n mults and n - 1 adds per output (counting.py).
 
-    A sparse weight shortens every dot product to its nonzeros (``L = k*k*cin*density``).
+    A sparse weight shortens every dot product to its nonzeros (``L = k*k*cin*density``); when fewer terms than
+    outputs remain, only as many outputs as terms are sums at all (the others are zero: no adds).
     """
-    return prices.charge([], "dot_product", terms * density * outputs, outputs)
+    elements = terms * density * outputs
+    return prices.charge([], "dot_product", elements, min(outputs, elements))
 
 
 def bias(prices: Prices, outputs: float) -> Bill:
@@ -108,47 +121,46 @@ def batch_norm_inference(prices: Prices, elements: float, folded: bool) -> Bill:
 
 
 def attention(
-    prices: Prices, heads: float, queries: float, keys: float, dim: float, value_dim: float, masked: bool
+    prices: Prices,
+    heads: float,
+    queries: float,
+    keys: float,
+    dim: float,
+    value_dim: float,
+    masked: bool,
 ) -> Bill:
-    """Scaled dot-product attention per head: scores Q K^T (dot products of length dim), the scale applied once
-    per query element, an additive mask 1 add per score, softmax over each query's keys, and the weighted sum
-    of values (dot products of length keys)."""
+    """Scaled dot-product attention per head, by the rule set's attention policy: scores Q K^T (dot products of
+    length dim), the scale (per score, or per query element), a mask (explicit or causal) as one add per score
+    unless free, softmax over each query's keys, and the weighted sum of values (dot products of length keys)."""
+    policy = prices.attention
     scores = heads * queries * keys
     bill = dot_product(prices, dim, scores)
-    prices.charge(bill, "mul", heads * queries * dim)
-    if masked:
+    prices.charge(bill, "mul", scores if policy.scale == "per_score" else heads * queries * dim)
+    if masked and policy.mask == "add_per_score":
         prices.charge(bill, "add", scores)
     bill += softmax(prices, "softmax", scores, heads * queries)
     bill += dot_product(prices, keys, heads * queries * value_dim)
     return bill
 
 
-def lstm_cells(prices: Prices, steps: float, hidden: float) -> Bill:
-    """LSTM cell updates after the gate projections: input + hidden pre-activations 1 add per gate value,
-    3 sigmoid and 2 tanh per unit, c = f*c + i*g (2 mults, 1 add), h = o*tanh(c) (1 mult)."""
-    units = steps * hidden
-    bill = prices.charge([], "add", 4 * units)
-    prices.charge(bill, "sigmoid", 3 * units)
-    prices.charge(bill, "tanh", 2 * units)
-    prices.charge(bill, "mul", 3 * units)
-    prices.charge(bill, "add", units)
-    return bill
-
-
-def gru_cells(prices: Prices, steps: float, hidden: float) -> Bill:
-    """GRU cell updates after the gate projections: r, z = sigmoid(x + h) (1 add each per unit), n = tanh(x_n +
-    r * h_n) (1 mult, 1 add), h' = n + z * (h - n) (1 mult, 2 adds)."""
-    units = steps * hidden
-    bill = prices.charge([], "add", 2 * units)
-    prices.charge(bill, "sigmoid", 2 * units)
-    prices.charge(bill, "mul", units)
-    prices.charge(bill, "add", units)
-    prices.charge(bill, "tanh", units)
-    prices.charge(bill, "mul", units)
-    prices.charge(bill, "add", 2 * units)
-    return bill
+def cells(prices: Prices, family: str, steps: float, hidden: float) -> Bill:
+    """Recurrent cell updates after the gate projections (the rule set's lstm_cell / gru_cell, made of adds,
+    sigmoids, tanhs and mults per hidden unit and step)."""
+    return prices.charge([], family, steps * hidden)
 
 
 def interpolation(prices: Prices, family: str, outputs: float) -> Bill:
-    """Linear, bilinear, trilinear interpolation: the family's lerps per output element (nearest is free)."""
+    """Linear, bilinear, trilinear, bicubic interpolation: the family's price per output element (nearest is
+    free)."""
     return prices.charge([], family, outputs)
+
+
+def integer_power(prices: Prices, exponent: int, elements: float) -> Bill:
+    """x ** n for an integer n: square-and-multiply, floor(log2 |n|) squarings and one multiply per further set
+    bit of |n|; a negative n adds the division of 1 by the result. x ** 0 and x ** 1 cost nothing."""
+    n = abs(exponent)
+    mults = n.bit_length() - 1 + n.bit_count() - 1 if n > 1 else 0
+    bill = prices.charge([], "mul", mults * elements) if mults else []
+    if exponent < 0:
+        prices.charge(bill, "div", elements)
+    return bill

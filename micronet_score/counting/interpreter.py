@@ -1,75 +1,203 @@
 """The counting interpreter: a TorchDispatchMode that prices every aten op of the real forward.
 
 Module attribution comes from global forward pre/post hooks installed only while counting: every op is
-charged to the innermost module of the model that is running. Widths of operands come from the weight table
-(by storage), from fake-quantization marks, from a quantized dtype, or from the declared activation width. Marks
-flow through ops that keep values on their grid (views, copies, lookups, joins, relu, max pooling); arithmetic
-produces values of unknown width, which count at the declared activation width.
+charged to the innermost module of the model that is running. Each op's price comes from its handler in
+:mod:`ops` (a pure function of the call and the prices); the interpreter applies the returned charge: it
+tallies the bill at the operands' widths and records what the call tells the storage accounting. Widths of
+operands come from the weight table (by storage), from fake-quantization marks, from a quantized or narrow
+float dtype, or from the declared activation width; they flow through ops by the table in :mod:`flow`.
+
+Scaled dot-product attention is priced once per call of ``F.scaled_dot_product_attention`` (a function mode
+sees the call), whichever kernel then runs it, so the fused kernels and the math path cost the same.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from micronet_score.counting.bits import BitPolicy, Marks
+from micronet_score.counting.bits import FLOAT_BITS, BitPolicy, Marks
 from micronet_score.counting.costs import Bill, Prices
+from micronet_score.counting.flow import FLOW, Flow
 from micronet_score.counting.grid import QUANTIZED
-from micronet_score.counting.ops import FREE, TABLE, Handler
+from micronet_score.counting.ops import FREE, TABLE, Charge, Handler, Op, attention_charge, mha_bill
 from micronet_score.counting.packed import Packed
 from micronet_score.counting.storage import FoldedNorm, TensorInfo, WeightTable, storage_key
+from micronet_score.errors import CountingBug
 
-_HANDLERS: dict[Any, Handler | None] = {}
-"""aten OpOverload -> handler (None: free), filled on first sight of each overload."""
-
-
-def _unpriced_handler(name: str) -> Handler:
-    def handler(ctx: CountingMode, args: tuple, kwargs: dict, out: Any) -> None:
-        ctx.unpriced(name, out)
-
-    return handler
+_in_backward = torch._C._current_graph_task_id
+"""-1 outside autograd's backward pass; the id of the graph task while it runs (on any thread)."""
 
 
-def resolve(func: Any) -> Handler | None:
-    """The handler of an aten overload: its packet's entry in the table, free, or unpriced (never silent)."""
+def _unpriced(op: Op, prices: Prices) -> Charge:
+    return Charge(unpriced=op.name)
+
+
+_RESOLVED: dict[Any, tuple[Handler | None, Flow | None]] = {}
+"""aten OpOverload -> (pricing handler, width flow); (None, None): free. Filled on first sight of each overload."""
+
+
+def resolve(func: Any) -> tuple[Handler | None, Flow | None]:
+    """The handler and width flow of an overload: priced, moving widths, free, or unpriced (never silent)."""
     packet = func.overloadpacket
-    handler = TABLE.get(packet)
-    if handler is None and packet not in FREE:
-        handler = _unpriced_handler(f"aten.{packet.__name__}")
-    _HANDLERS[func] = handler
-    return handler
+    handler, flow = TABLE.get(packet), FLOW.get(packet)
+    if handler is None and flow is None and packet not in FREE:
+        handler = _unpriced
+    _RESOLVED[func] = (handler, flow)
+    return handler, flow
 
 
 def _elements(out: Any) -> int:
     if isinstance(out, torch.Tensor):
-        return out.numel()
+        return out.numel() if not out.is_nested else 0
     if isinstance(out, (tuple, list)):
         return sum(_elements(o) for o in out)
     return 0
 
 
+@dataclass(slots=True)
+class Counts:
+    """Raw counts and their 32-bit-equivalent operations."""
+
+    mults: float = 0.0
+    adds: float = 0.0
+    others: float = 0.0
+    flops: float = 0.0
+
+    def add(self, other: Counts) -> None:
+        self.mults += other.mults
+        self.adds += other.adds
+        self.others += other.others
+        self.flops += other.flops
+
+
+@dataclass(slots=True)
+class FamilyCounts(Counts):
+    """Counts of one op family and the number of ops that paid them."""
+
+    calls: int = 0
+
+    def add(self, other: Counts) -> None:
+        Counts.add(self, other)
+        if isinstance(other, FamilyCounts):
+            self.calls += other.calls
+
+
+@dataclass(slots=True)
+class Uncounted:
+    """An op without a price in one module: its calls and output elements."""
+
+    calls: int = 0
+    elements: int = 0
+
+
 class Tally:
-    """Raw counts and 32-bit-equivalent flops, per module path and per op family; uncounted ops."""
+    """Counts per module path and per op family; uncounted ops; free format conversions."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, list[float]] = {}
-        self.families: dict[str, list[float]] = {}
-        self.uncounted: dict[tuple[str, str], list[int]] = {}
+        self.rows: dict[str, Counts] = {}
+        self.families: dict[str, FamilyCounts] = {}
+        self.uncounted: dict[tuple[str, str], Uncounted] = {}
         self.conversions = 0
 
     def merge(self, other: Tally) -> None:
-        for mine, theirs in ((self.rows, other.rows), (self.families, other.families)):
-            for key, values in theirs.items():
-                row = mine.setdefault(key, [0.0] * len(values))
-                for i, v in enumerate(values):
-                    row[i] += v
-        for key, (calls, elements) in other.uncounted.items():
-            row = self.uncounted.setdefault(key, [0, 0])
-            row[0] += calls
-            row[1] += elements
+        for path, counts in other.rows.items():
+            self.rows.setdefault(path, Counts()).add(counts)
+        for family, counts in other.families.items():
+            self.families.setdefault(family, FamilyCounts()).add(counts)
+        for key, op in other.uncounted.items():
+            mine = self.uncounted.setdefault(key, Uncounted())
+            mine.calls += op.calls
+            mine.elements += op.elements
         self.conversions += other.conversions
+
+
+class OperandFacts:
+    """The read-only facts a handler may ask about its operands (see :class:`ops.Facts`)."""
+
+    def __init__(self, table: WeightTable, derived: dict[int, TensorInfo], stack: list[str], activation: int):
+        self.weights = table.by_key
+        self.table = table
+        self.derived = derived
+        self.stack = stack
+        self.activation = activation
+        self.linear: torch.Tensor | None = None
+        """the output of the last conv/linear"""
+
+    def density(self, *operands: torch.Tensor) -> float:
+        density = 1.0
+        for tensor in operands:
+            if tensor.is_nested:
+                continue
+            key = storage_key(tensor)
+            info = self.weights.get(key) or self.derived.get(key)
+            if info is not None and info.density < density:
+                density = info.density
+        return density
+
+    def follows_linear(self, tensor: Any) -> bool:
+        return tensor is self.linear and tensor is not None
+
+    def packed(self) -> Packed | None:
+        return self.table.packed.get(self.stack[-1]) if self.stack and self.table.packed else None
+
+    def pruned_info(self, args: tuple) -> TensorInfo | None:
+        """``weight_orig * weight_mask`` of torch.nn.utils.prune: the product is the weight, not inference work."""
+        if not self.table.pruned or len(args) < 2 or not isinstance(args[1], torch.Tensor):
+            return None
+        a, b = storage_key(args[0]), storage_key(args[1])
+        pruned = self.table.pruned.get((a, b)) or self.table.pruned.get((b, a))
+        return pruned.info if pruned is not None else None
+
+    def pruned(self, args: tuple) -> bool:
+        return self.pruned_info(args) is not None
+
+
+_ATTENTION = frozenset(
+    {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention,
+     torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten._scaled_dot_product_attention_math,
+     torch.ops.aten._scaled_dot_product_attention_math.default}
+)  # fmt: skip
+"""scaled_dot_product_attention and its math path: (q, k, v, attn_mask, dropout_p, is_causal, ...)"""
+
+
+_FAST_PATHS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerEncoder)
+"""Modules whose forward takes a fused fast path (nested tensors included) only when no function mode is
+active: the attention function mode steps aside while they run, so that what is counted is what runs."""
+
+
+def _may_take_fast_path(module: torch.nn.Module) -> bool:
+    """torch's necessary conditions for the fast path: inference, and no autograd graph to record. Otherwise the
+    function mode stays and prices F.multi_head_attention_forward as the fast path's fused op is priced."""
+    if module.training:
+        return False
+    return not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters())
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+class _AttentionCalls(TorchFunctionMode):
+    """Sees calls of scaled_dot_product_attention before a kernel is chosen: the call is priced once by the
+    rule set's attention policy and the kernel's own ops are not priced again."""
+
+    def __init__(self, counting: CountingMode):
+        super().__init__()
+        self.counting = counting
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _ATTENTION:
+            return self.counting.attention(func, args, kwargs)
+        if func is F.multi_head_attention_forward:
+            return self.counting.multi_head_attention(func, args, kwargs)
+        return func(*args, **kwargs)
 
 
 class CountingMode(TorchDispatchMode):
@@ -89,31 +217,59 @@ class CountingMode(TorchDispatchMode):
         self.tally = Tally()
         self.stack: list[str] = []
         self.converting = 0
+        self.quiet = 0
+        """inside an op priced as a whole (attention): its inner ops are not priced"""
         self.derived: dict[int, TensorInfo] = {}
         self._alive: list[torch.Tensor] = []
-        self.last_linear: torch.Tensor | None = None
+        self.facts = OperandFacts(table, self.derived, self.stack, policy.activation)
         self.norms: dict[str, FoldedNorm] = {}
         self.dropped: set[int] = set()
         self.read: set[int] = set()
         self.first_input: Any = None
         self.first_input_seen: Any = None
         """first_input as it was when the forward ended (finish() forgets first_input)"""
-        self.op: Any = None
+        self.backward_ops = 0
+        """ops run by autograd's backward pass while counting: training work, never counted"""
         self.meta_fallbacks: dict[Any, Any] | None = None
         self.meta_fast: dict[Any, Any] | None = None
         """shape-only counting: outputs of ops that have no meta kernel, by overload packet"""
         rules = policy.rules
-        self.keep_layer_norm_affine = rules.folding.layer_norm_affine == "keep"
-        self._fold_bn = rules.folding.batch_norm_after_linear == "bias"
         self._unit = float(rules.unit_bits)
         self._add_bits = policy.add_bits
         self._fixed = (rules.freebie.mult_bits, rules.freebie.other_bits) if policy.freebie else None
+        self._attention_calls = _AttentionCalls(self)
+        self._watching = False
+        """whether the attention function mode is on the stack"""
+        self._fast_paths = 0
+        """fast-path modules running (the function mode steps aside while any runs)"""
+        self._entered = False
+
+    def __enter__(self) -> CountingMode:
+        self._entered = True
+        self._watch(True)
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._watch(False)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self._entered = False
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._watch(False)
+
+    def _watch(self, on: bool) -> None:
+        if on and not self._watching:
+            self._attention_calls.__enter__()
+        elif not on and self._watching:
+            self._attention_calls.__exit__(None, None, None)
+        self._watching = on
 
     # --- dispatch -----------------------------------------------------------------------------------------
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if kwargs is None:
-            kwargs = {}
+    def _run(self, func: Any, args: tuple, kwargs: dict) -> Any:
         try:
             out = None
             if self.meta_fast is not None:  # shape-only: outputs made directly where torch's meta kernel is slow
@@ -127,26 +283,89 @@ class CountingMode(TorchDispatchMode):
             if fallback is None:
                 raise
             out = fallback(args, kwargs)  # shape-only: an op without a meta kernel, its output shapes known
+        return out
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        out = self._run(func, args, kwargs)
+        if _in_backward() != -1:
+            self.backward_ops += 1
+            return out
         try:
-            handler = _HANDLERS[func]
+            handler, flow = _RESOLVED[func]
         except KeyError:
-            handler = resolve(func)
-        if handler is None:
+            handler, flow = resolve(func)
+        if (handler is None and flow is None) or self.quiet:
             return out
         if self.converting:
-            # Inside a quantizer: a format conversion, free; the scales it reads are stored values.
+            # Inside a quantizer: a format conversion, free; the scales it reads are stored values. Data movement
+            # (a width flow and no price) changes no format.
             for arg in args:
                 self.touch(arg)
-            if not _is_move(handler):
+            if handler is not None:
                 self.tally.conversions += 1
             return out
-        self.op = func
-        handler(self, args, kwargs, out)
+        if handler is not None:
+            charge = handler(Op(func, args, kwargs, out, self.facts), self.prices)
+            if charge is not None:
+                self.apply(func, args, charge, out)
+        if flow is not None:
+            self.flow(flow, args, out)
+        return out
+
+    def attention(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ...): one price, any kernel."""
+        if self.quiet or self.converting or not all(isinstance(t, torch.Tensor) for t in args[:3]):
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        if q.is_nested or q.dim() < 2:
+            return func(*args, **kwargs)  # priced by the kernel that runs it
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
+        self.quiet += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.quiet -= 1
+        self.apply(func, args, attention_charge(q, k, v, mask is not None or bool(causal), self.prices), out)
+        return out
+
+    def multi_head_attention(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """F.multi_head_attention_forward (nn.MultiheadAttention off its fast path): priced as the fast path's
+        fused op is (projections, one attention per head and sequence, output projection)."""
+        call = _MHA_SIGNATURE.bind(*args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        q, k, v = a["query"], a["key"], a["value"]
+        plain = a["bias_k"] is None and not a["add_zero_attn"] and a["static_k"] is None and a["static_v"] is None
+        if self.quiet or self.converting or not plain or q.is_nested or q.dim() not in (2, 3):
+            return func(*args, **kwargs)
+        self.quiet += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.quiet -= 1
+        same = a["query"] is a["key"] and a["key"] is a["value"]
+        if q.dim() == 3:  # (length, batch, embed) -> (batch, length, embed): shapes only
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        if same:
+            k = v = q
+        weight = a["q_proj_weight"] if a["use_separate_proj_weight"] else a["in_proj_weight"]
+        masked = a["key_padding_mask"] is not None or a["attn_mask"] is not None or bool(a["is_causal"])
+        averaged = bool(a["need_weights"]) and bool(a["average_attn_weights"])
+        bill = mha_bill(self.prices, self.facts, q, k, v, q.shape[-1], a["num_heads"], weight,
+                        a["out_proj_weight"], masked, averaged)
+        self.apply(func, args, Charge(bill, (q, weight)), out)
         return out
 
     # --- module attribution -------------------------------------------------------------------------------
 
     def enter(self, module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, _FAST_PATHS) and (self._fast_paths or _may_take_fast_path(module)):
+            if not self._fast_paths:
+                self._watch(False)
+            self._fast_paths += 1
         key = id(module)
         path = self.names.get(key)
         if path is None:
@@ -158,6 +377,10 @@ class CountingMode(TorchDispatchMode):
             self.converting += 1
 
     def leave(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(module, _FAST_PATHS) and self._fast_paths:
+            self._fast_paths -= 1
+            if not self._fast_paths and self._entered:
+                self._watch(True)
         key = id(module)
         if self.names.get(key) is None or not self.stack:
             return
@@ -169,11 +392,39 @@ class CountingMode(TorchDispatchMode):
             for tensor in _flat(output):
                 self.marks.set(tensor, width)
 
-    # --- what handlers call -------------------------------------------------------------------------------
+    # --- charges ------------------------------------------------------------------------------------------
+
+    def apply(self, func: Any, args: tuple, charge: Charge, out: Any) -> None:
+        """Tally a handler's charge and record what it tells the storage accounting."""
+        if charge.unpriced is not None:
+            self.unpriced(charge.unpriced, out)
+            return
+        if charge.pruned:
+            info = self.facts.pruned_info(args)
+            if info is not None:
+                self.derive(out, info)
+            return
+        if charge.bill:
+            self.record(func, charge.bill, charge.operands)
+        if charge.more is not None:
+            self.apply(func, args, charge.more, out)
+        if charge.linear:
+            self.facts.linear = out
+        if charge.quantized is not None:
+            self.policy.check_freebie(charge.quantized, "a fake-quantized tensor")
+            self.marks.set(_flat(out)[0], charge.quantized)
+            self.tally.conversions += 1
+        self.tally.conversions += charge.conversions
+        if charge.norm is not None:
+            self.batch_norm(charge.norm.channels, charge.norm.folded, charge.norm.tensors)
+        if charge.dropped:
+            self.dropped.update(storage_key(t) for t in charge.dropped if isinstance(t, torch.Tensor))
 
     def width(self, tensor: torch.Tensor) -> int:
-        """Width of an operand: a stored tensor's width, a quantizer's mark, a quantized dtype's width, else the
-        declared activation width."""
+        """Width of an operand: a stored tensor's width, a quantizer's mark, a quantized dtype's width, the
+        declared activation width, else a narrow float dtype's width (fp16, bf16), else the default."""
+        if tensor.is_nested:
+            return self.policy.activation_of(tensor.dtype)
         key = tensor.untyped_storage()._cdata  # storage_key, inlined: this runs for every operand of every op
         info = self.weights.get(key) or self.derived.get(key)
         if info is not None:
@@ -182,7 +433,7 @@ class CountingMode(TorchDispatchMode):
         width = self.marks.get(tensor) if self.marks.used else None
         if width is None:
             width = QUANTIZED.get(tensor.dtype)
-        return self.policy.activation if width is None else width
+        return self.policy.activation_of(tensor.dtype) if width is None else width
 
     def stored_width(self, tensor: torch.Tensor) -> int | None:
         """Width of a stored tensor, or of a marked or quantized-dtype value; None for an unknown activation."""
@@ -194,51 +445,10 @@ class CountingMode(TorchDispatchMode):
         mark = self.marks.get(tensor) if self.marks.used else None
         return mark if mark is not None else QUANTIZED.get(tensor.dtype)
 
-    def keep(self, source: torch.Tensor, out: Any) -> None:
-        """Ops that keep values on their grid (lookups, joins, relu, max): the output has the source's width."""
-        width = self.stored_width(source)
-        if width is not None:
-            for tensor in _flat(out):
-                self.marks.set(tensor, width)
-
-    def keep_marked(self, sources: Any, out: Any) -> None:
-        """Outputs of relu, max pooling and joins of marked values keep the widest mark (any unmarked: none)."""
-        if not self.marks.used:
-            return
-        width = 0
-        for source in sources:
-            mark = self.marks.get(source) if isinstance(source, torch.Tensor) else None
-            if mark is None:
-                return
-            width = max(width, mark)
-        if width:
-            for tensor in _flat(out):
-                self.marks.set(tensor, width)
-
-    def touch(self, tensor: Any) -> None:
-        """A stored tensor read as a Python number (a quantizer's scale): it is needed for inference."""
-        if isinstance(tensor, torch.Tensor):
-            key = storage_key(tensor)
-            if key in self.weights:
-                self.read.add(key)
-
-    def packed(self) -> Packed | None:
-        """The packed weight of the running torch.ao quantized module."""
-        return self.table.packed.get(self.stack[-1]) if self.stack and self.table.packed else None
-
-    def density(self, *operands: torch.Tensor) -> float:
-        """Density of the stored (weight) operand of a dot product; activations are dense."""
-        density = 1.0
-        for tensor in operands:
-            key = storage_key(tensor)
-            info = self.weights.get(key) or self.derived.get(key)
-            if info is not None and info.density < density:
-                density = info.density
-        return density
-
-    def record(self, bill: Bill, operands: Any) -> None:
+    def record(self, func: Any, bill: Bill, operands: Any) -> None:
         """Charge a bill: mults and others at the largest operand width (operands: tensors, or known widths as
-        ints), adds at the accumulator width."""
+        ints), adds at the accumulator width. A negative count is a bug: it stops the count, naming op and
+        module."""
         if self._fixed is not None:
             mult_bits, other_bits = self._fixed
             for t in operands:
@@ -257,45 +467,44 @@ class CountingMode(TorchDispatchMode):
         tally = self.tally
         row = tally.rows.get(path)
         if row is None:
-            row = tally.rows[path] = [0.0, 0.0, 0.0, 0.0]
+            row = tally.rows[path] = Counts()
         unit, add_bits = self._unit, self._add_bits
         for family, counts in bill:
             if counts is None:
-                self.unpriced(f"aten.{self.op.overloadpacket.__name__} ({family}: no price in the rule set)", None)
+                self.unpriced(f"{func.namespace}.{func.overloadpacket.__name__} ({family}: no price in the rule set)",
+                              None)
                 continue
             mults, adds, others = counts
+            if mults < 0 or adds < 0 or others < 0:
+                raise CountingBug(
+                    f"internal error: {func.namespace}.{func.overloadpacket.__name__} in module {path or '<root>'} "
+                    f"gave a negative count ({family}: mults={mults:g}, adds={adds:g}, others={others:g}); "
+                    "please report it"
+                )
             flops = (mults * mult_bits + adds * add_bits + others * other_bits) / unit
-            row[0] += mults
-            row[1] += adds
-            row[2] += others
-            row[3] += flops
+            row.mults += mults
+            row.adds += adds
+            row.others += others
+            row.flops += flops
             fam = tally.families.get(family)
             if fam is None:
-                fam = tally.families[family] = [0.0, 0.0, 0.0, 0.0, 0.0]
-            fam[0] += 1
-            fam[1] += mults
-            fam[2] += adds
-            fam[3] += others
-            fam[4] += flops
+                fam = tally.families[family] = FamilyCounts()
+            fam.calls += 1
+            fam.mults += mults
+            fam.adds += adds
+            fam.others += others
+            fam.flops += flops
 
     def unpriced(self, name: str, out: Any) -> None:
         """An op the rule set does not price: listed with its module, calls and output elements."""
         path = self.stack[-1] if self.stack else ""
-        row = self.tally.uncounted.setdefault((name, path), [0, 0])
-        row[0] += 1
-        row[1] += _elements(out)
+        op = self.tally.uncounted.get((name, path))
+        if op is None:
+            op = self.tally.uncounted[(name, path)] = Uncounted()
+        op.calls += 1
+        op.elements += _elements(out)
 
-    def linear_output(self, out: torch.Tensor) -> None:
-        self.last_linear = out
-
-    def is_linear_output(self, tensor: Any) -> bool:
-        return tensor is self.last_linear and tensor is not None
-
-    def folds_into_linear(self, tensor: torch.Tensor) -> bool:
-        """Batch norm folds (rule set permitting) when its input is the output of the last conv/linear."""
-        return self._fold_bn and self.is_linear_output(tensor)
-
-    def batch_norm(self, x: torch.Tensor, channels: int, folded: bool, tensors: tuple) -> None:
+    def batch_norm(self, channels: int, folded: bool, tensors: tuple) -> None:
         path = self.stack[-1] if self.stack else ""
         keys = tuple(storage_key(t) for t in tensors if isinstance(t, torch.Tensor))
         weight = tensors[0]
@@ -303,66 +512,86 @@ class CountingMode(TorchDispatchMode):
         bits = info.bits if info is not None else self.policy.stored([], True)
         self.norms[path] = FoldedNorm(path, channels, folded, bits, keys)
 
-    def drop(self, *tensors: Any) -> None:
-        """Stored tensors folded away by the rule set (their storage is not counted)."""
-        self.dropped.update(storage_key(t) for t in tensors if isinstance(t, torch.Tensor))
-
-    def prune_product(self, args: tuple, out: torch.Tensor) -> bool:
-        """``weight_orig * weight_mask`` of torch.nn.utils.prune: the product is the weight, not inference work."""
-        if not self.table.pruned or len(args) < 2 or not isinstance(args[1], torch.Tensor):
-            return False
-        pruned = self.table.pruned.get((storage_key(args[0]), storage_key(args[1])))
-        if pruned is None:
-            pruned = self.table.pruned.get((storage_key(args[1]), storage_key(args[0])))
-        if pruned is None:
-            return False
-        self.derived[storage_key(out)] = pruned.info
+    def derive(self, out: Any, info: TensorInfo) -> None:
+        """``out`` holds a stored tensor's values (a copy, a pruned product): its width and density."""
+        self.derived[storage_key(out)] = info
         self._alive.append(out)
-        return True
 
-    def quantized(self, out: Any, width: int) -> None:
-        """A fake quantizer's output holds values of its integer range's width; the rounding is a conversion."""
-        self.policy.check_freebie(width, "a fake-quantized tensor")
-        self.marks.set(out, width)
-        self.tally.conversions += 1
+    # --- width flow -----------------------------------------------------------------------------------------
 
-    def moved(self, args: tuple, out: Any) -> None:
-        """Data movement keeps the width of what it moves."""
-        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        mark = self.marks.get(source) if source is not None else None
-        if mark is not None:
-            for tensor in _flat(out):
-                self.marks.set(tensor, mark)
+    def touch(self, tensor: Any) -> None:
+        """A stored tensor read as a Python number (a quantizer's scale): it is needed for inference."""
+        if isinstance(tensor, torch.Tensor) and not tensor.is_nested:
+            key = storage_key(tensor)
+            if key in self.weights:
+                self.read.add(key)
+
+    def flow(self, flow: Flow, args: tuple, out: Any) -> None:
+        """Widths that reach the output of a data-moving or value-picking op (the table in :mod:`flow`)."""
+        source = args[0] if args and isinstance(args[0], torch.Tensor) and not args[0].is_nested else None
+        if flow is Flow.SCALAR:
+            self.touch(source)
+        elif flow is Flow.COPY:
+            self.copied(source, out)
+        elif flow is Flow.LOOKUP:
+            width = self.stored_width(source) if source is not None else None
+            if width is not None:
+                self._mark(out, width)
+        elif not self.marks.used:
+            return
+        elif flow is Flow.MOVE:
+            mark = self.marks.get(source) if source is not None else None
+            if mark is not None:
+                self._mark(out, mark)
+        elif flow is Flow.JOIN:
+            self._widest_mark(args[0], out)
+        elif flow is Flow.PICK:
+            self._widest_mark([a for a in args if isinstance(a, torch.Tensor)], _flat(out)[:1])
+
+    def _mark(self, out: Any, width: int) -> None:
+        for tensor in _flat(out):
+            self.marks.set(tensor, width)
+
+    def _widest_mark(self, sources: Any, out: Any) -> None:
+        """Joins of marked values and values picked among marked ones keep the widest mark (any unmarked: none)."""
+        width = 0
+        for source in sources:
+            mark = self.marks.get(source) if isinstance(source, torch.Tensor) else None
+            if mark is None:
+                return
+            width = max(width, mark)
+        if width:
+            self._mark(out, width)
 
     def copied(self, source: Any, out: Any) -> None:
-        """A copy of a stored tensor is still that tensor (its width and density); of a marked one, marked."""
-        if not isinstance(source, torch.Tensor) or not isinstance(out, torch.Tensor):
+        """A copy of a stored tensor is still that tensor (its density; its width, or a narrower float dtype's
+        when the copy casts to one, as autocast does); of a marked one, marked."""
+        if source is None or not isinstance(out, torch.Tensor) or out.is_nested:
             return
         key = storage_key(source)
         info = self.weights.get(key) or self.derived.get(key)
         if info is not None:
-            self.derived[storage_key(out)] = info
-            self._alive.append(out)
+            narrow = FLOAT_BITS.get(out.dtype) if out.dtype != source.dtype else None
+            if narrow is not None and narrow < info.bits:
+                info = TensorInfo(info.names, info.module, info.numel, narrow, info.is_parameter, info.nonzeros,
+                                  info.known, density=info.density)
+            self.derive(out, info)
         elif self.marks.used:
-            self.moved((source,), out)
+            mark = self.marks.get(source)
+            if mark is not None:
+                self.marks.set(out, mark)
 
     def finish(self) -> None:
         """Forget per-forward state (references that keep tensors alive, the module stack)."""
         self.stack.clear()
         self.converting = 0
+        self.quiet = 0
+        self._fast_paths = 0
         self._alive.clear()
         self.derived.clear()
-        self.last_linear = None
+        self.facts.linear = None
         self.first_input = None
         self.marks.clear()
-
-
-_DATA_MOVEMENT = frozenset({"_move", "_copy", "_keep", "_embedding", "_join", "_scalar"})
-
-
-def _is_move(handler: Handler) -> bool:
-    """Data movement (free and no conversion: copying b-bit values changes no format)."""
-    return getattr(handler, "__name__", "") in _DATA_MOVEMENT
 
 
 def _flat(output: Any) -> list[torch.Tensor]:

@@ -37,14 +37,16 @@ class MetaCopy:
     """meta storage key -> real storage key"""
 
     @classmethod
-    def of(cls, model: nn.Module, walk: Walk) -> MetaCopy:
+    def of(cls, model: nn.Module, walk: Walk, shared: tuple[Any, ...] = ()) -> MetaCopy:
+        """``shared``: objects the copy refers to as they are instead of copying them (a trainer the model
+        points to)."""
         for path, module in walk.modules.items():
             if hasattr(module, "_packed_params"):
                 raise MicronetError(
                     f"shape-only counting cannot copy module {path or '<root>'!r} to the meta device (its weights are "
                     "packed torch.ao quantized params): count without shape_only"
                 )
-        memo: dict[int, Any] = {}
+        memo: dict[int, Any] = {id(obj): obj for obj in shared}
         real_of_meta: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def meta(tensor: torch.Tensor) -> torch.Tensor:
@@ -277,6 +279,49 @@ def _convolution(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return torch.empty(sizes, dtype=x.dtype, device=x.device)
 
 
+def _matrix_product(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """mm(a, b), addmm(bias, a, b) and bmm(a, b) of float tensors of one dtype: a contiguous [.., n, p]."""
+    if kwargs:
+        return None
+    a, b = args[-2], args[-1]
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype:
+        return None
+    if not a.is_floating_point() or a.dim() != b.dim() or a.dim() not in (2, 3) or a.shape[-1] != b.shape[-2]:
+        return None
+    if a.dim() == 3 and a.shape[0] != b.shape[0]:
+        return None
+    return torch.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype, device=a.device)
+
+
+def _layer_norm(args: tuple, kwargs: dict) -> tuple | None:
+    """native_layer_norm of a float32 tensor: (output like the input, mean, rstd with the normalised dims 1)."""
+    if kwargs or len(args) != 5:
+        return None
+    x, shape = args[0], args[1]
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not 0 < len(shape) <= x.dim():
+        return None
+    stats = (*x.shape[: x.dim() - len(shape)], *([1] * len(shape)))
+    return _like(x), x.new_empty(stats), x.new_empty(stats)
+
+
+def _softmax_out(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """_softmax(x, dim, half_to_float=False) and _safe_softmax(x, dim) of a float tensor, in its dtype."""
+    x = args[0]
+    if kwargs.get("dtype") is not None or (len(args) > 2 and args[2] not in (False, None)):
+        return None
+    return _like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+
+
+def _where(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """where(condition, a, b) of a boolean condition and two float tensors of one dtype: the broadcast shape."""
+    if kwargs or len(args) != 3 or not all(isinstance(t, torch.Tensor) for t in args):
+        return None
+    condition, a, b = args
+    if condition.dtype != torch.bool or a.dtype != b.dtype or not a.is_floating_point():
+        return None
+    return torch.empty(torch.broadcast_shapes(condition.shape, a.shape, b.shape), dtype=a.dtype, device=a.device)
+
+
 def _fast_table() -> dict[Any, Any]:
     table: dict[Any, Any] = {}
     for name in ("relu", "hardtanh", "relu6", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "gelu"):
@@ -287,7 +332,16 @@ def _fast_table() -> dict[Any, Any]:
     table[_aten.native_batch_norm.default] = _native_batch_norm
     table[_aten._native_batch_norm_legit_no_training.default] = _batch_norm_no_training
     table[_aten.add.Tensor] = _same_shape_add
+    for scaled in (_aten.mul.Scalar, _aten.div.Scalar):
+        table[scaled] = _like_input
     table[_aten.convolution.default] = _convolution
+    for product in (_aten.mm.default, _aten.addmm.default, _aten.bmm.default):
+        table[product] = _matrix_product
+    table[_aten.native_layer_norm.default] = _layer_norm
+    table[_aten._softmax.default] = _softmax_out
+    if hasattr(_aten, "_safe_softmax"):
+        table[_aten._safe_softmax.default] = _softmax_out
+    table[_aten.where.self] = _where
     return table
 
 

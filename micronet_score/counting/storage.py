@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from micronet_score.counting.bits import BitPolicy
+from micronet_score.counting.bits import FLOAT_BITS, BitPolicy
 from micronet_score.counting.grid import DTYPE_BITS
 from micronet_score.counting.packed import Packed, packed_modules
 
@@ -197,9 +197,10 @@ class WeightTable:
 
 
 def native_bits(tensor: torch.Tensor) -> int | None:
-    """Width a tensor's integer or quantized dtype gives its values (None for float and wide integer dtypes)."""
+    """Width a tensor's integer, quantized or narrow float dtype gives its values (None for 32/64-bit floats and
+    wide integer dtypes)."""
     if tensor.is_floating_point():
-        return None
+        return FLOAT_BITS.get(tensor.dtype)
     return DTYPE_BITS.get(tensor.dtype)
 
 
@@ -356,11 +357,11 @@ def account(table: WeightTable, norms: list[FoldedNorm], dropped: set[int], poli
         add(pruned.info.module, pruned.info.numel, pruned.info.nonzeros, pruned.info.bits)
     for packed in table.packed.values():
         add(packed.module, packed.numel, packed.nonzeros, packed.bits)
-        add(packed.module, packed.scales, packed.scales, rules.default_bits)  # weight scales
-        add(packed.module, packed.scales, packed.scales, packed.bits)  # and their zero points
+        add(packed.module, packed.scales, packed.scales, policy.scale_bits)  # weight scales
+        add(packed.module, packed.scales, packed.scales, policy.zero_point_bits(packed.bits))  # and zero points
         if packed.static:  # output scale and zero point (the requantization of the output)
-            add(packed.module, 1, 1, rules.default_bits)
-            add(packed.module, 1, 1, packed.bits)
+            add(packed.module, 1, 1, policy.scale_bits)
+            add(packed.module, 1, 1, policy.zero_point_bits(packed.bits))
         if packed.bias is not None:
             nonzeros, _ = count_nonzero(packed.bias)
             add(packed.module, packed.bias.numel(), nonzeros, policy.stored([f"{packed.module}.bias"], True))
