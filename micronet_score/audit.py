@@ -16,9 +16,9 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from micronet_score.counting.bits import BitPolicy, quantized_bits
-from micronet_score.counting.blocks import Blocks, detect, tile
 from micronet_score.counting.grid import dtype_bits, exact_scale_bits, mantissa_bits, measure, measure_rows
 from micronet_score.counting.packed import packed_modules
+from micronet_score.counting.representation import Choice, block_options, check_choice, choose, options
 from micronet_score.counting.storage import mask_pairs, storage_key
 from micronet_score.errors import MicronetError
 from micronet_score.ruleset import RuleSet, load_rules
@@ -48,7 +48,10 @@ class TensorAudit(BaseModel):
     block_shape: BlockShape | None = None
     block_source: Literal["declared", "detected"] | None = None
     blocks_kept: int | None = None
-    stored_values: int = Field(description="values the rules store: nonzeros, or every element of kept blocks")
+    representation: str = Field(
+        default="dense", description="dense, masked or block RxC: the cheapest storage, the rule count uses"
+    )
+    stored_values: int = Field(description="values the representation stores: every value, nonzeros, or kept blocks")
     mask_bits: float = Field(description="bits of the sparsity mask under the rule set (per element or per block)")
 
     @property
@@ -135,9 +138,15 @@ def audit(
     act_bits: int | None = None,
     rules: str | RuleSet = "micronet-2019",
     block_shape: BlockShape | Mapping[str, BlockShape] | None = None,
+    representation: str = "auto",
 ) -> AuditReport:
-    """Measure a model (or a state dict) and check the declared widths; see :class:`AuditReport`."""
+    """Measure a model (or a state dict) and check the declared widths; see :class:`AuditReport`.
+
+    Each weight's representation is chosen by the rule ``count`` stores it with (dense, masked or block-sparse,
+    the cheapest storage; see :mod:`micronet_score.counting.representation`); ``representation`` forces one,
+    ``block_shape`` declares the block shape (of every tensor, or by name)."""
     rule_set = load_rules(rules)
+    choice = check_choice(representation, rule_set)
     policy = BitPolicy(rule_set, bits, act_bits, dict(weight_bits or {}))
     if block_shape is not None and not rule_set.mask.block_sparsity:
         raise MicronetError(f"rule set {rule_set.name} does not allow block sparsity: drop block_shape")
@@ -155,7 +164,8 @@ def audit(
     for names, role, values, source in entries:
         shape = _block_shape(block_shape, names)
         entry = _tensor_audit(
-            names[0], role, values, source, policy.declared(names, role in ("weight", "packed")), shape, rule_set
+            names[0], role, values, source, policy.declared(names, role in ("weight", "packed")), shape, rule_set,
+            choice,
         )
         report.tensors.append(entry)
         report.violations += _width_violations(entry)
@@ -270,6 +280,7 @@ def _tensor_audit(
     declared: int | None,
     block_shape: BlockShape | None,
     rules: RuleSet,
+    choice: Choice = "auto",
 ) -> TensorAudit:
     dense = values.dequantize() if values.is_quantized else values
     grid = measure(dense) if values.numel() else None
@@ -278,18 +289,18 @@ def _tensor_audit(
     numel = values.numel()
     if source is None and nonzeros < numel:
         source = "zeros"
-    blocks: Blocks | None = None
-    block_source = None
-    if block_shape is not None and values.dim() > 1:
-        blocks, block_source = tile(dense, block_shape), "declared"
-    elif rules.mask.block_sparsity and nonzeros < numel and role in ("weight", "packed"):
-        blocks = detect(dense)
-        block_source = "detected" if blocks is not None else None
-    sparse = nonzeros < numel or not rules.mask.only_sparse_tensors
-    if blocks is not None:
-        mask_bits, stored = blocks.blocks * rules.mask.bits_per_block, blocks.kept_elements
-    else:
-        mask_bits, stored = (numel * rules.mask.bits_per_element if sparse else 0.0), nonzeros
+    width = declared if declared is not None else dtype_bits(values.dtype)
+    tilings = []
+    if role in ("weight", "packed") or block_shape is not None:
+        forced = "block" if block_shape is not None and choice == "auto" else choice
+        tilings = block_options(dense, nonzeros, width, rules.mask, block_shape, forced)
+    found = options(numel, nonzeros, width, rules.mask, tilings)
+    if block_shape is not None and choice == "auto":
+        choice = "block"
+    shape = choose(found, width, float(rules.unit_bits), choice)
+    blocks = shape.blocks
+    block_source = ("declared" if block_shape is not None else "detected") if blocks is not None else None
+    mask_bits, stored = shape.mask_bits, shape.values
     return TensorAudit(
         name=name,
         role=role,
@@ -306,6 +317,7 @@ def _tensor_audit(
         block_shape=blocks.shape if blocks is not None else None,
         block_source=block_source,
         blocks_kept=blocks.kept if blocks is not None else None,
+        representation=shape.label,
         stored_values=stored,
         mask_bits=mask_bits,
     )

@@ -12,6 +12,7 @@ import io
 import json
 from typing import Literal
 
+from micronet_score.render import printable
 from micronet_score.report import LayerRow, Report
 
 _REPRESENTED = "representation" in LayerRow.model_fields  # the storage representation of a layer's tensors
@@ -134,7 +135,7 @@ def to_markdown(rows: list[dict], total: dict, by: By) -> str:
     cols = columns(by)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in [*rows, total]:
-        lines.append("| " + " | ".join(_cell(row[c]).replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join(printable(_cell(row[c])).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,6 @@ A state dict that does not fit the model fails with one error listing every miss
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import tempfile
@@ -26,6 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from micronet_score.errors import MicronetError
+from micronet_score.sources.build import build_fitting
+from micronet_score.sources.config import read_config_file, shown
+from micronet_score.sources.files import check_zip_sizes, regular_file
+from micronet_score.sources.pt2 import load_program
 
 FORMAT = "micronet-score"
 VERSION = 1
@@ -77,6 +80,7 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     path = _checkpoint_file(path)
     if path.stat().st_size == 0:
         raise MicronetError(f"{path}: empty file (0 bytes), not a checkpoint")
+    check_zip_sizes(path, path.stat().st_size, str(path))
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
@@ -89,12 +93,7 @@ def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
 
 def _checkpoint_file(path: str | os.PathLike) -> Path:
     """The path of an existing checkpoint file, or one clear error (a directory is not one)."""
-    path = Path(path)
-    if path.is_dir():
-        raise MicronetError(f"{path}: a directory, not a checkpoint file")
-    if not path.is_file():
-        raise MicronetError(f"checkpoint not found: {path}")
-    return path
+    return regular_file(path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -166,24 +165,6 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str
     model.load_state_dict(ordered, strict=True)
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML (or JSON) mapping, such as the authors' ``config.yaml``."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise MicronetError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MicronetError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise MicronetError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    return dict(data)
-
-
 def resolve_config(
     defaults: Mapping[str, Any],
     inferred: Mapping[str, Any],
@@ -200,7 +181,7 @@ def resolve_config(
         raise MicronetError(f"unknown settings {unknown} (known: {sorted(defaults)})")
     stated = {**file_config, **overrides}
     conflicts = [
-        f"{k} = {stated[k]!r} but the checkpoint's shapes say {v!r}"
+        f"{k} = {shown(stated[k])} but the checkpoint's shapes say {shown(v)}"
         for k, v in inferred.items()
         if k in stated and _plain(stated[k]) != _plain(v)
     ]
@@ -307,7 +288,7 @@ def load_model(
 
     source = str(path)
     if Path(path).suffix == ".pt2":
-        return _load_exported(Path(path), device)
+        return load_program(path, device, trust_pickle)
     obj = read_file(path, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
         obj.to(device).eval()
@@ -330,7 +311,7 @@ def load_model(
             cfg = resolve_config(spec.default_config, inferred, stated, overrides, source)
             given = {**stated, **(overrides or {}), **inferred}
             meta = {**meta, "assumed": {k: v for k, v in spec.default_config.items() if k not in given}}
-            net = spec.build(cfg)
+            net = build_fitting(spec.build, cfg, state_dict, source)
             load_weights(net, state_dict, source)
     except MicronetError:
         raise
@@ -338,23 +319,3 @@ def load_model(
         raise MicronetError(f"{source}: does not load as {spec.name} ({_first_line(exc)})") from None
     net.to(device).eval()
     return LoadedModel(spec.name, net, cfg, {"source": source, **meta})
-
-
-def _load_exported(path: Path, device: str | torch.device) -> LoadedModel:
-    """A ``torch.export`` program: its graph module and the example inputs it was exported with."""
-    _checkpoint_file(path)
-    logger = logging.getLogger("torch.export")  # it logs a traceback on stderr for a file that is no program
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        program = torch.export.load(path)
-    except Exception as exc:
-        raise MicronetError(f"{path}: not a torch.export program, or damaged ({_first_line(exc)})") from None
-    finally:
-        logger.setLevel(level)
-    args, kwargs = program.example_inputs or ((), {})
-    if kwargs:
-        raise MicronetError(f"{path}: exported with keyword inputs ({', '.join(kwargs)}); export with positional ones")
-    module = program.module()
-    module.to(device)
-    return LoadedModel("torch.export", module, {}, {"source": str(path)}, tuple(a.to(device) for a in args))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import sys
 import traceback
@@ -19,19 +20,22 @@ try:  # typer 0.2x vendors click; older typer uses click itself
 except ImportError:  # pragma: no cover - typer < 0.20
     from click.exceptions import UsageError
 
-from micronet_score import __version__, breakdown
+from micronet_score import __version__, breakdown, interrupts
 from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import resolve_device
 from micronet_score.progress import steps
 from micronet_score.render import (
+    MAX_LINE,
     console,
     error_console,
+    printable,
     render_audit,
     render_breakdown,
     render_comparison,
     render_models,
     render_report,
     render_rules,
+    safe,
 )
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES, bundled_rule_names, load_rules
@@ -46,21 +50,27 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx: typer.Context):
         try:
-            return super().invoke(ctx)
+            with interrupts.raising():
+                result = super().invoke(ctx)
+                interrupts.check()  # an interrupt that library code swallowed still ends the command
+            return result
         except (Interrupted, KeyboardInterrupt) as exc:
             text = str(exc) if isinstance(exc, Interrupted) else "interrupted"
-            error_console().print(f"[bold red]{escape(text)}[/]", highlight=False, soft_wrap=True)
+            _error_line(f"[bold red]{safe(text)}[/]")
             raise typer.Exit(130) from None
         except MicronetError as exc:
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            error_console().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _error_line(f"[bold red]error:[/] {escape(printable(str(exc), MAX_LINE))}")
             raise typer.Exit(2) from None
         except UsageError as exc:  # a bad flag or value (--bits 0): the same one line, with where to find usage
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            error_console().print(f"[bold red]error:[/] {escape(exc.format_message())} (see {where} --help)",
-                                  highlight=False, soft_wrap=True)
+            _error_line(f"[bold red]error:[/] {safe(exc.format_message())} (see {safe(where)} --help)")
             raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in _OUTPUT_ERRORS:
+                raise
+            raise typer.Exit(interrupts.output_failed(exc)) from None
 
     def get_params(self, ctx: typer.Context):
         return _flags_as_flags(super().get_params(ctx))
@@ -78,6 +88,14 @@ def _flags_as_flags(params: list) -> list:
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
     return params
+
+
+_OUTPUT_ERRORS = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""Write errors of the output (a closed pipe, a full disk): see micronet_score.interrupts.flush_stdout."""
+
+
+def _error_line(markup: str) -> None:
+    error_console().print(markup, highlight=False, soft_wrap=True)
 
 
 app = typer.Typer(
@@ -162,6 +180,16 @@ Vocab = Annotated[Path | None, typer.Option("--vocab", help="Vocabulary file (th
                                                                "or one word per line).")]
 Labels = Annotated[Path | None, typer.Option("--labels", help="ImageNet labels file for an image folder.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")]
+class Stored(str, Enum):
+    auto = "auto"
+    dense = "dense"
+    masked = "masked"
+    block = "block"
+
+
+RepresentationOption = Annotated[Stored, typer.Option(
+    "--representation", help="How tensors with zeros are stored: auto (the cheapest by the score; by storage without "
+    "a track), dense, masked (nonzeros + 1-bit mask) or block (one bit per block); dot products follow.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="List every warning (by default the same finding on many "
                                                          "tensors is one line with a count and examples).")]
 ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes on a meta copy, computing nothing "
@@ -169,9 +197,9 @@ ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes
 
 
 def _options(rules: str, track: str | None, bits: int | None, act_bits: int | None, freebie: bool,
-             strict: bool) -> CountOptions:
+             strict: bool, representation: Stored = Stored.auto) -> CountOptions:
     return CountOptions(rules=load_rules(rules), track=track, bits=bits, act_bits=act_bits, freebie=freebie,
-                        strict=strict)
+                        strict=strict, representation=representation.value)
 
 
 def _load(checkpoint: Path | None, model: str | None, config: Path | None, device: str, trust_pickle: bool):
@@ -207,13 +235,13 @@ def _load_and_measure(checkpoint: Path, model: str | None, config: Path | None, 
     return loaded, _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, show)
 
 
-def _audited(loaded, bits: int | None, act_bits: int | None, rules, block_shape=None):
+def _audited(loaded, bits: int | None, act_bits: int | None, rules, block_shape=None, representation: str = "auto"):
     """The audit of the loaded model against the declared widths (per tensor where the model declares its own
     weights' widths, as the MIT model does)."""
     from micronet_score.audit import audit
 
     return audit(loaded.model, bits=bits, weight_bits=_weight_bits(loaded, bits), act_bits=act_bits, rules=rules,
-                 block_shape=block_shape)
+                 block_shape=block_shape, representation=representation)
 
 
 def _weight_bits(loaded, bits: int | None) -> dict[str, int] | None:
@@ -268,6 +296,7 @@ def eval_command(
     vocab: Vocab = None,
     labels: Labels = None,
     strict: Strict = False,
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
     verbose: Verbose = False,
@@ -291,7 +320,7 @@ def eval_command(
 
         checkpoint, demo_config, demo_data = demo_paths()
         config, data = config or demo_config, data or demo_data
-    options = _options(rules, track, bits, act_bits, freebie, strict)
+    options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     with steps(1, show=_progress(as_json)) as bar:
         bar.step(f"loading {checkpoint}")
         loaded = _load(checkpoint, model, config, device, trust_pickle)
@@ -316,6 +345,7 @@ def count_command(
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
     shape_only: ShapeOnly = False,
+    representation: RepresentationOption = Stored.auto,
     as_json: AsJson = False,
     verbose: Verbose = False,
 ) -> None:
@@ -332,7 +362,7 @@ def count_command(
 
       micronet-score count wrn.pt --shape-only
     """
-    options = _options(rules, track, bits, act_bits, freebie, strict)
+    options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     with steps(2, show=_progress(as_json)) as bar:
         bar.step(f"loading {checkpoint}")
         loaded = _load(checkpoint, model, config, device, trust_pickle)
@@ -392,6 +422,7 @@ def breakdown_command(
     model: ModelName = None,
     device: Device = "cpu",
     strict: Strict = False,
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Tables per layer or per op: parameters, nonzeros, density, bits, storage, mults, adds, others, operations
@@ -405,7 +436,7 @@ def breakdown_command(
 
       micronet-score breakdown model-1.pth --config config.yaml --format svg -o where-the-score-goes.svg
     """
-    options = _options(rules, track, bits, act_bits, freebie, strict)
+    options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     _, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
                                   limit_tokens, vocab, labels, _progress(fmt in (Format.json, Format.csv, Format.md)))
     if fmt in (Format.svg, Format.png):
@@ -479,7 +510,7 @@ def compare_command(
     if plot is not None:
         _plot_tradeoff(reports, options, plot)
     if as_json:
-        sys.stdout.write(json.dumps({name: r.model_dump(mode="json", exclude={"layers"})
+        sys.stdout.write(json.dumps({name: r.model_dump(mode="json", exclude={"layers", "tensors"})
                                      for name, r in reports.items()}, indent=2) + "\n")
     else:
         render_comparison(reports, console())
@@ -555,6 +586,7 @@ def audit_command(
     config: Config = None,
     model: ModelName = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 2 when a declared width does not hold.")] = False,
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
 ) -> None:
@@ -570,24 +602,32 @@ def audit_command(
       micronet-score audit model-1.pth --config config.yaml --bits 9 --json
     """
 
-    block_shape = None
-    if block:
-        try:
-            rows, cols = (int(v) for v in block.lower().split("x"))
-        except ValueError:
-            raise MicronetError(f"--block takes ROWSxCOLS such as 4x4, got {block!r}") from None
-        block_shape = (rows, cols)
+    block_shape = _block(block) if block else None
     with steps(2, show=_progress(as_json)) as bar:
         bar.step(f"loading {checkpoint}")
         loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
         bar.step("auditing bits and sparsity")
-        result = _audited(loaded, bits, act_bits, load_rules(rules), block_shape)
+        result = _audited(loaded, bits, act_bits, load_rules(rules), block_shape, representation.value)
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:
         render_audit(result, console())
     if strict:
         result.raise_if_violations()
+
+
+MAX_BLOCK = 4096
+
+
+def _block(text: str) -> tuple[int, int]:
+    """``--block ROWSxCOLS``: two whole numbers from 1 to MAX_BLOCK."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+        raise MicronetError(f"--block takes ROWSxCOLS such as 4x4, got {printable(text[:40])!r}")
+    rows, cols = (int(p) for p in parts)
+    if not (1 <= rows <= MAX_BLOCK and 1 <= cols <= MAX_BLOCK):
+        raise MicronetError(f"--block {rows}x{cols}: each side must be from 1 to {MAX_BLOCK}")
+    return rows, cols
 
 
 @app.command("models")
@@ -625,7 +665,7 @@ def _emit(report: Report, as_json: bool, title: str, verbose: bool = False) -> N
     else:
         render_report(report, title, console())
         for warning in warning_lines(report.warnings, verbose):
-            error_console().print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+            error_console().print(f"[yellow]warning:[/] {escape(printable(warning, MAX_LINE))}", soft_wrap=True)
 
 
 def _write_picture(picture: bytes, output: Path | None, fmt: str) -> None:
@@ -657,4 +697,13 @@ def _plot_tradeoff(reports: dict[str, Report], options: CountOptions, plot: Path
 
 
 def main() -> None:
-    app()
+    """The ``micronet-score`` command: the app, then standard output flushed here, where a failure to write it
+    (a full disk, a closed pipe) can still become one line and its exit code, then the process ends at once
+    (see micronet_score.interrupts)."""
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    failed = interrupts.flush_stdout()
+    interrupts.leave(failed if failed is not None else code)

@@ -64,6 +64,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise MicronetError(f"unknown device {device!r} ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MicronetError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MicronetError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    usable = {"cpu", "cuda", "meta"} | ({"mps"} if torch.backends.mps.is_available() else set())
+    if dev.type not in usable:
+        raise MicronetError(f"device {device!r} is not available here (use cpu, cuda or cuda:N)")
     return dev
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from rich.console import Console
 from rich.markup import escape
@@ -10,6 +11,25 @@ from rich.table import Table
 
 from micronet_score.audit import AuditReport
 from micronet_score.ruleset import Cost, RuleSet
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+MAX_LINE = 4000
+"""An error or warning line longer than this is cut (with the number of characters left out)."""
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` safe for a terminal: control characters (newlines, ESC sequences, bidirectional overrides) shown as
+    escapes such as ``\\n`` and ``\\x1b``, so that a name from a file can neither forge a line nor drive the
+    terminal; cut to ``limit`` characters (with how many were left out)."""
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + f"... ({len(text) - limit:,} more characters)"
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def safe(value) -> str:
+    """A value from a file or the user (a name, a path, a message), ready for a rich table or line: printable
+    and with rich markup escaped."""
+    return escape(printable(str(value)))
 
 
 def console() -> Console:
@@ -33,10 +53,10 @@ def _number(value: float) -> str:
 
 
 def render_rules(rules: RuleSet, out: Console) -> None:
-    out.print(f"[bold]{rules.name}[/]: {rules.title}")
+    out.print(f"[bold]{safe(rules.name)}[/]: {safe(rules.title)}")
     if rules.description:
-        out.print(rules.description)
-    out.print(f"source: {rules.source}\n")
+        out.print(safe(rules.description))
+    out.print(f"source: {safe(rules.source)}\n")
 
     tracks = Table(title="Tracks", title_justify="left")
     for column in ("track", "baseline", "storage", "operations", "quality threshold", "averaged per"):
@@ -46,7 +66,7 @@ def render_rules(rules: RuleSet, out: Console) -> None:
     for key, track in rules.tracks.items():
         threshold = f"{track.metric} {track.comparison.symbol} {_number(track.threshold)}"
         tracks.add_row(
-            f"{track.title}\n[dim]{key}[/]", track.baseline_model, _number(track.baseline_params),
+            f"{safe(track.title)}\n[dim]{safe(key)}[/]", safe(track.baseline_model), _number(track.baseline_params),
             _number(track.baseline_flops), threshold, track.per,
         )
     out.print(tracks)
@@ -87,9 +107,9 @@ def render_rules(rules: RuleSet, out: Console) -> None:
     for name, rule in rules.ops.items():
         if rule.made_of:
             parts = " + ".join(f"{n:g} {part}" for part, n in rule.made_of.items())
-            ops.add_row(name, f"made of {parts}", "")
+            ops.add_row(safe(name), f"made of {safe(parts)}", "")
             continue
-        ops.add_row(name, _cost(rule.per_element), _cost(rule.per_group) if rule.per_group != Cost() else "")
+        ops.add_row(safe(name), _cost(rule.per_element), _cost(rule.per_group) if rule.per_group != Cost() else "")
     out.print(ops)
 
 
@@ -107,10 +127,10 @@ VERDICT_STYLE = {"qualifies": "green", "does not qualify": "red", "partial run: 
 def render_report(report, title: str, out: Console) -> None:
     """The summary of one measurement: storage, operations, score, quality and verdict, uncounted ops."""
     unit = report.per
-    table = Table(title=title, title_justify="left", show_header=False)
+    table = Table(title=safe(title), title_justify="left", show_header=False)
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    table.add_row("rules / track", f"{report.rules} / {report.track or '-'}")
+    table.add_row("rules / track", f"{safe(report.rules)} / {safe(report.track or '-')}")
     table.add_row("parameters (raw count)", f"{report.parameters:,}")
     table.add_row("storage (32-bit equivalents)", si(report.storage))
     table.add_row(f"operations per {unit} (32-bit equivalents)", si(report.operations))
@@ -121,7 +141,8 @@ def render_report(report, title: str, out: Console) -> None:
         table.add_row("score (lower is better)", f"{report.score:.6g}")
     if report.quality is not None:
         q = report.quality
-        table.add_row(q.metric, f"{q.value:,.6g}" if math.isfinite(q.value) else f"[red]{q.value} (not finite)[/]")
+        value = f"{q.value:,.6g}" if math.isfinite(q.value) else f"[red]{q.value} (not finite)[/]"
+        table.add_row(safe(q.metric), value)
         table.add_row(f"threshold ({q.threshold:g})", f"[{VERDICT_STYLE[q.verdict]}]{q.verdict}[/]")
     if report.conversions:
         table.add_row("format conversions (free)", f"{report.conversions:,}")
@@ -133,7 +154,7 @@ def render_report(report, title: str, out: Console) -> None:
         for column in ("op", "module", "calls", "elements"):
             unc.add_column(column, justify="right" if column in ("calls", "elements") else "left")
         for op in report.uncounted:
-            unc.add_row(op.op, op.module or "<root>", f"{op.calls:,}", f"{op.elements:,}")
+            unc.add_row(safe(op.op), safe(op.module or "<root>"), f"{op.calls:,}", f"{op.elements:,}")
         out.print(unc)
 
 
@@ -148,7 +169,7 @@ def _cell(column: str, value) -> str:
         return si(value)
     if isinstance(value, int) and column != "bits":
         return f"{value:,}"
-    return str(value)
+    return safe(value)
 
 
 def render_breakdown(rows: list[dict], total: dict, by: str, report, out: Console) -> None:
@@ -165,7 +186,7 @@ def render_breakdown(rows: list[dict], total: dict, by: str, report, out: Consol
                          justify="left" if column in ("name", "type") else "right", overflow="fold",
                          min_width=16 if column == "name" else None)
     for row in rows:
-        table.add_row(*(_cell(c, row[c]) if c != "name" else (row[c] or "<root>") for c in cols))
+        table.add_row(*(_cell(c, row[c]) if c != "name" else safe(row[c] or "<root>") for c in cols))
     table.add_section()
     table.add_row(*(_cell(c, total[c]) for c in cols), style="bold")
     out.print(table)
@@ -177,7 +198,7 @@ def render_comparison(reports: dict, out: Console) -> None:
     table = Table(title="comparison (differences from the first)", title_justify="left")
     table.add_column("quantity")
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(safe(name), justify="right")
     for label, key in (("parameters", "parameters"), ("storage", "storage"), ("operations", "operations"),
                        ("mults", "mults"), ("adds", "adds"), ("others", "others"), ("score", "score")):
         cells = []
@@ -195,7 +216,7 @@ def render_comparison(reports: dict, out: Console) -> None:
     qualities = [reports[name].quality for name in names]
     if any(q is not None for q in qualities):
         metric = next(q.metric for q in qualities if q is not None)
-        table.add_row(metric, *(f"{q.value:,.6g}" if q is not None else "-" for q in qualities))
+        table.add_row(safe(metric), *(f"{q.value:,.6g}" if q is not None else "-" for q in qualities))
         table.add_row("verdict", *(f"[{VERDICT_STYLE[q.verdict]}]{q.verdict}[/]" if q is not None else "-"
                                    for q in qualities))
     out.print(table)
@@ -206,38 +227,41 @@ def render_models(specs, out: Console) -> None:
     for column in ("name", "track", "architecture", "aliases"):
         table.add_column(column)
     for spec in specs:
-        table.add_row(spec.name, spec.track, spec.title, ", ".join(spec.aliases))
+        table.add_row(safe(spec.name), safe(spec.track), safe(spec.title), safe(", ".join(spec.aliases)))
     out.print(table)
 
 
 def render_audit(report: AuditReport, out: Console) -> None:
     """The audit as a table (one row per stored tensor, quantizer state left out) and its violations."""
     table = Table(title=f"Bits and sparsity audit ({report.rules})", title_justify="left")
-    for column in ("tensor", "role", "dtype", "values", "declared", "measured", "per row", "density", "mask"):
+    for column in ("tensor", "role", "dtype", "values", "declared", "measured", "per row", "density", "mask",
+                   "stored as"):
         table.add_column(column, justify="right" if column in ("values", "density") else "left")
     flagged = {v.tensor for v in report.violations}
     for t in report.tensors:
         if t.role == "buffer":
             continue
-        mask = t.mask_source or ""
+        mask = safe(t.mask_source or "")
         if t.block_shape:
-            mask = f"{mask} {t.block_source} {t.block_shape[0]}x{t.block_shape[1]} blocks".strip()
+            mask = f"{mask} {safe(t.block_source)} {t.block_shape[0]}x{t.block_shape[1]} blocks".strip()
         measured = str(t.measured_bits) if t.measured_bits is not None else f"no grid ({t.storage_bits})"
         table.add_row(
-            f"[red]{t.name}[/]" if t.name in flagged else t.name,
-            t.role,
-            t.dtype,
+            f"[red]{safe(t.name)}[/]" if t.name in flagged else safe(t.name),
+            safe(t.role),
+            safe(t.dtype),
             f"{t.numel:,}",
             "" if t.declared_bits is None else str(t.declared_bits),
             measured,
             "" if t.row_bits is None else str(t.row_bits),
             f"{t.density:.1%}",
             mask,
+            t.representation,
         )
     out.print(table)
     for activation in report.activations:
-        out.print(f"activation quantizer {activation.name or '<root>'} ({activation.source}): {activation.bits} bits")
+        out.print(f"activation quantizer {safe(activation.name or '<root>')} ({safe(activation.source)}): "
+                  f"{activation.bits} bits")
     for violation in report.violations:
-        out.print(f"[yellow]violation[/] ({violation.kind}): {escape(violation.message)}")
+        out.print(f"[yellow]violation[/] ({safe(violation.kind)}): {safe(violation.message)}")
     if not report.violations:
         out.print("[green]the declared widths hold[/]")

@@ -42,6 +42,9 @@ class LayerRow(BaseModel):
     density: float | None
     bits: int | None = Field(description="widest storage width of the module's tensors")
     storage: float = Field(description="storage in 32-bit equivalents, masks included")
+    representation: str | None = Field(
+        default=None, description="how its tensors are stored: dense, masked, block RxC ('+'-joined when they differ)"
+    )
     mults: float
     adds: float
     others: float
@@ -58,6 +61,18 @@ class LayerRow(BaseModel):
     @property
     def flops(self) -> float:
         return self.operations
+
+
+class TensorRow(BaseModel):
+    """One stored tensor (tied tensors once, under their first name) and the representation chosen for it."""
+
+    name: str
+    module: str
+    numel: int
+    nonzeros: int
+    bits: int
+    representation: str = Field(description="dense, masked (nonzeros + 1-bit mask) or block RxC (one bit per block)")
+    storage: float = Field(description="storage in 32-bit equivalents, mask included")
 
 
 class OpTotal(BaseModel):
@@ -131,6 +146,10 @@ with warnings.catch_warnings():
         others: float
         score: float | None = None
         layers: list[LayerRow] = Field(default_factory=list)
+        tensors: list[TensorRow] = Field(default_factory=list)
+        unused: list[str] = Field(
+            default_factory=list, description="parameters of modules that never ran, read by no op: not stored"
+        )
         ops: list[OpTotal] = Field(default_factory=list)
         uncounted: list[UncountedOp] = Field(default_factory=list)
         conversions: int = 0

@@ -8,13 +8,22 @@ the price of every op family. Nothing in the counting code hard-codes these numb
 from __future__ import annotations
 
 import math
+import re
+import reprlib
 import tomllib
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationError,
+    model_validator,
+)
 
 from micronet_score.errors import RuleError
 
@@ -25,12 +34,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Count = Annotated[float, Field(allow_inf_nan=False, ge=-1e12, le=1e12)]
+"""A price: finite (a NaN or infinite price would make every total NaN or infinite)."""
+Bits = Annotated[int, Field(ge=1, le=64)]
+"""A width in bits: 1 to 64."""
+Baseline = Annotated[float, Field(ge=1, le=1e18, allow_inf_nan=False)]
+"""A baseline's storage or operations: at least 1 (a smaller one overflows the score to infinity) and finite."""
+MAX_RULE_FILE = 4 << 20
+MAX_NESTING = 16
+MAX_INPUT_ELEMENTS = 1 << 28
+_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"[^"\n]{0,200}"|'[^'\n]{0,200}')"""
+_LONG_DOTTED_KEY = re.compile(rf"{_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART}){{{MAX_NESTING},}}")
+"""A dotted key of more than MAX_NESTING parts, found before parsing: tomllib takes memory quadratic in the parts
+(a 100,000-part key exhausts any machine)."""
+
+
 class Cost(_Strict):
     """Raw operation counts: multiplies, additions, and others (transcendentals, comparisons, bitwise)."""
 
-    mults: float = 0.0
-    adds: float = 0.0
-    others: float = 0.0
+    mults: Count = 0.0
+    adds: Count = 0.0
+    others: Count = 0.0
 
 
 class OpRule(_Strict):
@@ -46,13 +70,19 @@ class OpRule(_Strict):
 
     per_element: Cost = Cost()
     per_group: Cost = Cost()
-    made_of: dict[str, float] = Field(default_factory=dict)
+    made_of: dict[str, Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _per_element_not_negative(self) -> OpRule:
+    def _never_negative(self) -> OpRule:
+        """No count may come out negative: per_element >= 0, and a group (which holds at least one element) costs
+        per_element + per_group >= 0 (a dot product of n terms: n mults, n - 1 adds)."""
         for field in ("mults", "adds", "others"):
-            if getattr(self.per_element, field) < 0:
+            element, group = getattr(self.per_element, field), getattr(self.per_group, field)
+            if element < 0:
                 raise ValueError(f"per_element.{field} must not be negative")
+            if element + group < 0:
+                raise ValueError(f"per_group.{field} = {group:g} would make a group of one element cost "
+                                 f"{element + group:g} {field} (per_element + per_group must not be negative)")
         return self
 
 
@@ -80,16 +110,22 @@ class Track(_Strict):
 
     title: str
     baseline_model: str
-    baseline_params: PositiveFloat
-    baseline_flops: PositiveFloat
+    baseline_params: Baseline
+    baseline_flops: Baseline
     metric: Literal["top1_correct", "top1_accuracy", "perplexity"]
     metric_title: str = ""
-    threshold: float = Field(ge=0)
+    threshold: float = Field(ge=0, allow_inf_nan=False)
     comparison: Comparison
     per: Literal["sample", "token"]
-    test_size: PositiveInt | None = None
-    vocabulary: PositiveInt | None = None
-    input_shape: list[PositiveInt] | None = None
+    test_size: Annotated[int, Field(ge=1, le=10**9)] | None = None
+    vocabulary: Annotated[int, Field(ge=1, le=10**9)] | None = None
+    input_shape: Annotated[list[Annotated[int, Field(ge=1, le=1 << 20)]], Field(max_length=8)] | None = None
+
+    @model_validator(mode="after")
+    def _input_fits_in_memory(self) -> Track:
+        if self.input_shape and math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"input_shape {self.input_shape} has more than {MAX_INPUT_ELEMENTS:,} elements")
+        return self
 
     def qualifies(self, value: float) -> bool:
         """Whether a quality value meets the threshold exactly as the rules compare it (no rounding)."""
@@ -99,18 +135,17 @@ class Track(_Strict):
 class Freebie(_Strict):
     """Unquantized entries may count parameters and multiplies at 16 bits; additions stay at 32."""
 
-    param_bits: PositiveInt
-    mult_bits: PositiveInt
-    add_bits: PositiveInt
-    other_bits: PositiveInt
-    max_quantized_bits: PositiveInt = Field(
-        description="the freebie is forbidden when any value is quantized below this width"
-    )
+    param_bits: Bits
+    mult_bits: Bits
+    add_bits: Bits
+    other_bits: Bits
+    max_quantized_bits: Bits = Field(description="the freebie is forbidden when any value is quantized below "
+                                                 "this width")
 
 
 class MaskPolicy(_Strict):
-    bits_per_element: float = Field(ge=0)
-    bits_per_block: float = Field(ge=0)
+    bits_per_element: float = Field(ge=0, le=64, allow_inf_nan=False)
+    bits_per_block: float = Field(ge=0, le=64, allow_inf_nan=False)
     block_sparsity: bool
     only_sparse_tensors: bool
 
@@ -119,6 +154,14 @@ class FoldingPolicy(_Strict):
     batch_norm_after_linear: Literal["bias", "scale_shift"]
     batch_norm_elsewhere: Literal["scale_shift"]
     layer_norm_affine: Literal["keep", "fold"]
+
+
+class StoragePolicy(_Strict):
+    """Values stored beside the weights: a batch norm's per channel, by how it folds."""
+
+    batch_norm_values: dict[Literal["bias", "scale_shift"], NonNegativeInt] = Field(
+        default={"bias": 1, "scale_shift": 2}, description="values stored per channel, by the folding of [folding]"
+    )
 
 
 class AttentionPolicy(_Strict):
@@ -135,8 +178,8 @@ class AttentionPolicy(_Strict):
 class QuantizationPolicy(_Strict):
     """Widths of what a quantized layer stores besides its values: scales and zero points."""
 
-    scale_bits: PositiveInt
-    zero_point_bits: PositiveInt | Literal["values"] = Field(
+    scale_bits: Bits
+    zero_point_bits: Bits | Literal["values"] = Field(
         description='a width, or "values": the width of the quantized values they offset'
     )
 
@@ -147,12 +190,13 @@ class RuleSet(_Strict):
     name: str
     title: str
     description: str = ""
-    unit_bits: PositiveInt
-    accumulator_bits: PositiveInt
-    default_bits: PositiveInt
+    unit_bits: Bits
+    accumulator_bits: Bits
+    default_bits: Bits
     freebie: Freebie
     mask: MaskPolicy
     folding: FoldingPolicy
+    storage: StoragePolicy = StoragePolicy()
     attention: AttentionPolicy
     quantization: QuantizationPolicy
     tracks: dict[str, Track]
@@ -201,11 +245,17 @@ def _read_source(name_or_path: str | Path) -> tuple[str, str]:
     path = Path(text_name)
     if path.suffix == ".toml" or path.exists() or "/" in text_name:
         if not path.is_file():
-            raise RuleError(text_name, None, "no such file")
+            raise RuleError(text_name, None, "no such file" if not path.exists() else "not a regular file")
         try:
+            if path.stat().st_size > MAX_RULE_FILE:
+                raise RuleError(text_name, None, f"{path.stat().st_size:,} bytes (a rule file has at most "
+                                                 f"{MAX_RULE_FILE:,})")
             return text_name, path.read_text(encoding="utf-8-sig")  # a BOM, as some editors write, is not TOML
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RuleError(text_name, None, f"cannot read it ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise RuleError(text_name, None, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                             f"{exc.start})") from None
+        except OSError as exc:
+            raise RuleError(text_name, None, f"cannot read it ({exc.strerror or exc})") from None
     if text_name not in bundled_rule_names():
         known = ", ".join(bundled_rule_names())
         raise RuleError(text_name, None, f"no bundled rule set of that name (bundled: {known}; or give a .toml file)")
@@ -213,25 +263,67 @@ def _read_source(name_or_path: str | Path) -> tuple[str, str]:
     return f"{text_name} (bundled)", resource.read_text(encoding="utf-8-sig")
 
 
+def _short_repr() -> reprlib.Repr:
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxstring, shown.maxother, shown.maxlong, shown.maxdict, shown.maxlist = 2, 60, 60, 40, 4, 4
+    return shown
+
+
+_SHOWN = _short_repr()
+"""Values quoted in error messages stay short, whatever the file holds."""
+
+
+def _key(parts) -> str:
+    shown = ".".join(str(p)[:60] for p in list(parts)[:MAX_NESTING])
+    return shown + ("..." if len(parts) > MAX_NESTING else "")
+
+
+def _nesting(data: dict) -> tuple[int, str | None]:
+    """How deep the tables of a parsed TOML document nest, and the first key path at the deepest point."""
+    deepest, where = 0, None
+    stack: list[tuple[object, int, tuple[str, ...]]] = [(data, 0, ())]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > deepest:
+            deepest, where = depth, _key(path)
+        if depth > MAX_NESTING:
+            break
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1, (*path, str(k))) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1, (*path, str(i))) for i, v in enumerate(value))
+    return deepest, where
+
+
 def load_rules(name_or_path: str | Path | RuleSet = DEFAULT_RULES) -> RuleSet:
     """Load a bundled rule set by name, or a rule file by path; errors name the file, the key and the problem."""
     if isinstance(name_or_path, RuleSet):
         return name_or_path
     source, text = _read_source(name_or_path)
+    if _LONG_DOTTED_KEY.search(text):
+        raise RuleError(source, None, f"a dotted key of more than {MAX_NESTING} parts (a rule set nests at most "
+                                      f"{MAX_NESTING} levels)")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RuleError(source, None, f"not valid TOML ({exc})") from None
+    except RecursionError:
+        raise RuleError(source, None, "not valid TOML (nested too deeply)") from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise RuleError(source, None, f"not valid TOML ({str(exc)[:200]})") from None
+    depth, where = _nesting(data)
+    if depth > MAX_NESTING:
+        raise RuleError(source, where, f"keys nested {depth} levels deep (a rule set has at most {MAX_NESTING})")
     try:
         return RuleSet.model_validate({**data, "source": source})
     except ValidationError as exc:
         error = exc.errors()[0]
-        key = ".".join(str(part) for part in error["loc"]) or None
+        key = _key(error["loc"]) or None
         problem = error["msg"]
         if error["type"] == "missing":
             problem = "required key is missing"
         elif "input" in error and error["type"] != "missing":
-            problem = f"{problem} (got {error['input']!r})"
+            problem = f"{problem} (got {_SHOWN.repr(error['input'])})"
         more = len(exc.errors()) - 1
         if more:
             problem += f" (and {more} more problem{'s' if more > 1 else ''})"

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from micronet_score.checkpoint import LoadedModel
 from micronet_score.counting import Counter
+from micronet_score.counting.api import training_state_kept
 from micronet_score.errors import MicronetError
 from micronet_score.report import Quality, Report
 from micronet_score.ruleset import DEFAULT_RULES, RuleSet, load_rules
@@ -36,6 +37,8 @@ class CountOptions:
     act_bits: int | None = None
     freebie: bool = False
     strict: bool = False
+    representation: str = "auto"
+    """how tensors with zeros are stored: auto, dense, masked or block (see counting.representation)"""
 
 
 class Interrupted(MicronetError):
@@ -72,6 +75,7 @@ def make_counter(loaded: LoadedModel, options: CountOptions) -> Counter:
     return Counter(
         model, rules=options.rules, track=track_of(loaded, options), bits=bits, act_bits=options.act_bits,
         weight_bits=weight_bits, freebie=options.freebie, strict=options.strict,
+        representation=options.representation,
     )
 
 
@@ -113,7 +117,8 @@ def _measuring(loaded: LoadedModel, counter: Counter, total: float | None = None
     except NotImplementedError:
         pass  # a torch.export program: its mode was fixed when it was exported
     try:
-        yield
+        with training_state_kept(model):
+            yield
     except KeyboardInterrupt:
         report = counter.report() if counter.samples > 0 else None
         raise Interrupted(counter.samples, total, counter.per, report) from None
@@ -251,7 +256,8 @@ def measure_images(
     images = load_image_folder(data, labels) if labels else load_cifar100_test(Path(data))
     counter = make_counter(loaded, options)
     with _measuring(loaded, counter, total=len(images)):
-        result = evaluate_top1(loaded.model, images, track, options.rules, batch_size=batch_size,
+        result = evaluate_top1(loaded.model, images, track, options.rules,
+                               batch_size=loaded.meta.get("batch_size", batch_size),
                                progress=progress, device=str(device), counter=counter)
     report = counter.report()
     warnings = list(report.warnings)

@@ -123,8 +123,12 @@ def test_mask_beside_weight_counts_as_sparsity_in_audit_and_storage():
     entry = audit(model, bits=8).tensor("weight")
     assert (entry.mask_source, entry.nonzeros, entry.measured_bits) == ("mask", 24, 1)
     report = ms.count(model, torch.randn(1, 8), bits=8)
-    assert report.params == (24 * 8 + 32) / 32  # 24 nonzeros at 8 bits + a 32-bit mask; the buffer not at 32
+    # the two zero columns are two all-zero column blocks of eight: 24 values at 8 bits + 8 block bits, cheaper
+    # than 24 nonzeros + a 32-bit mask (224) or dense (256); the same in audit; the mask buffer is not stored
+    assert report.params == (24 * 8 + 8) / 32 and entry.stored_values * 8 + entry.mask_bits == 24 * 8 + 8
     assert report.mults == 24  # the dot products skip the masked weights; weight * mask is not inference work
+    masked = ms.count(model, torch.randn(1, 8), bits=8, representation="masked")
+    assert masked.params == (24 * 8 + 32) / 32 and masked.mults == 24  # forced: nonzeros + a 1-bit mask
 
 
 def test_state_dict_masks_and_block_sparsity():

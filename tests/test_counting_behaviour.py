@@ -46,12 +46,21 @@ def test_sparsity_shortens_dot_products_and_pays_the_mask(how):
         for m in model:
             if isinstance(m, nn.Linear):
                 prune.l1_unstructured(m, "weight", amount=0.9)
-    r = ms.count(model, X)
-    dot = r.family("dot_product")
-    assert dot.mults == pytest.approx(0.1 * WEIGHTS)
-    assert dot.adds == pytest.approx(0.1 * WEIGHTS - (100 + 10))  # (L - 1) per output
-    assert r.params == pytest.approx(0.1 * WEIGHTS + WEIGHTS / 32)  # nonzeros + 1-bit mask
-    assert r.layer("0").density == pytest.approx(0.1)
+    for representation in ("masked", "auto"):
+        r = ms.count(model, X, representation=representation)
+        dot = r.family("dot_product")
+        assert dot.mults == pytest.approx(0.1 * WEIGHTS)
+        assert dot.adds == pytest.approx(0.1 * WEIGHTS - (100 + 10))  # (L - 1) per output
+        assert r.layer("0").density == pytest.approx(0.1)
+    masked = ms.count(model, X, representation="masked")
+    assert masked.params == pytest.approx(0.1 * WEIGHTS + WEIGHTS / 32)  # nonzeros + 1-bit mask
+    assert {t.representation for t in masked.tensors} == {"masked"}
+    if how == "zeros":
+        # Whole zero rows: 1x16 blocks are cheapest (by hand over the ten candidate shapes). Layer 0 (100x64,
+        # rows 0-89 zero): 100 x 4 blocks, 40 kept, 640 values; layer 2 (10x100, rows 0-8 zero): 10 x 7 blocks
+        # (the last 4 wide), 7 kept, 100 values. Masked: 640 + 100 values and 6,400 + 1,000 mask bits.
+        assert r.params == pytest.approx((640 * 32 + 400 + 100 * 32 + 70) / 32)
+        assert [t.representation for t in r.tensors] == ["block 1x16", "block 1x16"]
 
 
 def test_eight_bits_quarter_storage_and_multiplies_adds_in_full():

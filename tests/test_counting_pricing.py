@@ -70,16 +70,25 @@ def test_adaptive_max_pool_comparisons_are_never_negative():
 
 
 def test_a_negative_count_stops_the_count_naming_op_and_module(tmp_path):
+    """A rule file with such a price is refused when it is read (per_element + per_group < 0); the counter's own
+    guard stays for rule sets built in memory (validation bypassed) and for any bug of a handler."""
     text = BUNDLED.read_text().replace("[ops.sum]\nper_element = { adds = 1 }\nper_group = { adds = -1 }",
                                        "[ops.sum]\nper_element = { adds = 1 }\nper_group = { adds = -5 }")
     assert "adds = -5" in text
     rules = tmp_path / "negative.toml"
     rules.write_text(text)
-    from micronet_score.errors import CountingBug
+    from micronet_score.errors import CountingBug, RuleError
+    from micronet_score.ruleset import Cost, OpRule, load_rules
 
+    with pytest.raises(RuleError, match=r"ops\.sum: .*must not be negative"):
+        load_rules(rules)
+    bundled = load_rules()
+    negative = OpRule.model_construct(per_element=Cost(adds=1), per_group=Cost.model_construct(mults=0.0, adds=-5.0,
+                                                                                                 others=0.0))
+    unchecked = bundled.model_copy(update={"ops": {**bundled.ops, "sum": negative}})
     model = nn.Sequential(Fn(lambda m, x: x.sum(-1)))
     with pytest.raises(CountingBug, match=r"aten\.sum in module '?0"):
-        ms.count(model, torch.rand(1, 3), rules=str(rules), samples=1)
+        ms.count(model, torch.rand(1, 3), rules=unchecked, samples=1)
 
 
 # --- 3. mixture of experts ---------------------------------------------------------------------------------

@@ -151,7 +151,6 @@ def test_full_size_layer_terms_match_the_report(full_size):
         for ln in ("ln1", "ln2"):
             row = r.layer(p + ln)
             assert (row.mults, row.adds, row.others) == (2 * D + 2 + D, 3 * D - 1 + D, 1)
-            assert 6 * D == 1536 and row.mults + row.adds + row.others == 1794
 
         # qkv: fc 256→576 with bias, as the report: mults D·576, adds (D−1)·576 + 576.
         row = r.layer(p + "qkv")
@@ -179,7 +178,7 @@ def test_full_size_layer_terms_match_the_report(full_size):
         # (C divisions as mults, C − 1 adds, C exps as others).
         row = r.layer(p + "softmax")
         assert (row.mults, row.adds, row.others) == (H * C, H * (C - 1), H * C)
-        assert 3 * C - 1 == 290 and row.mults + row.adds + row.others == H * 290
+        assert row.mults + row.adds + row.others == H * 290
 
         # attn·V: as the report, mults C·H·n_v = 18,624, adds (C−1)·H·n_v = 18,432 (9-bit probs and values).
         row = r.layer(p + "weighted")
@@ -222,8 +221,7 @@ def test_full_size_head_cache_and_embedding_match_the_report(full_size):
 
     # The three normalisations: report softmax 3n − 1 each = 10,505 + 64,499 + 728,204. The model takes the
     # log-softmax (the loss needs log p): n exps, n − 1 adds, 1 log, n subtractions = 3n each, one more per bin.
-    report_softmaxes = [3 * 3502 - 1, 3 * 21500 - 1, 3 * 242735 - 1]
-    assert report_softmaxes == [10505, 64499, 728204]
+    report_softmaxes = [10505, 64499, 728204]  # the report's figures, 3n - 1 for n = 3502, 21500, 242735
     lsm = r.family("log_softmax")
     assert lsm.calls == 3 and lsm.mults == 0
     assert lsm.adds == sum(2 * n - 1 for n in (3502, 21500, 242735))
@@ -241,7 +239,7 @@ def test_full_size_head_cache_and_embedding_match_the_report(full_size):
     # (n comparisons), selects the matching probabilities (n comparisons) and sums them (n − 1 adds), then mixes
     # with λ in the log domain (log, 2 adds of log λ / log(1 − λ), max, min, sub, exp, log1p, add).
     n = c.n_cache
-    assert n == 3000 and (256 - 1) * 2000 + 2000 * 3 - 1 == 515999
+    assert n == 3000
     soft, cache = r.layer("loss.cache.softmax"), r.layer("loss.cache")
     assert soft.mults + soft.adds + soft.others == 3 * n - 1  # the report's "others" term
     assert cache.mults == D * n + n

@@ -1,5 +1,6 @@
 """The wheel installs micronet_score with its models and rules inside the package namespace only."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,9 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel_names(tmp_path_factory):
+    # built from a copy of the sources: setuptools writes build/ and *.egg-info beside the project it builds
+    source = tmp_path_factory.mktemp("source") / "micronet-score"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*cache", ".hypothesis", ".micronet-cache"))
     out = tmp_path_factory.mktemp("wheel")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stderr

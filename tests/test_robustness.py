@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from wave_checkpoints import SHALLOW, sparse_checkpoint
 
 from micronet_score.checkpoint import load_model, save_checkpoint
-from micronet_score.data.wikitext import load_split, load_vocabulary
+from micronet_score.data.wikitext import cache_directory, content_hash, load_split, load_vocabulary
 from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import evaluate_stream
 from micronet_score.scoring import CountOptions, Interrupted, measure_example, measure_images, measure_lm
@@ -62,7 +62,7 @@ def demo():
 @pytest.fixture(scope="module")
 def data_copy(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wikitext") / "demo"
-    shutil.copytree(DATA, folder, ignore=shutil.ignore_patterns(".micronet-cache"))
+    shutil.copytree(DATA, folder)
     return folder
 
 
@@ -337,9 +337,9 @@ def test_interrupted_evaluation_stops_cleanly(cli, data_copy, monkeypatch):
     assert line.startswith("interrupted")
     assert f"after {2 * chunk:,} of {_test_words(data_copy) - 1:,} tokens evaluated" in line
     assert "operations per token" in line
-    cache = data_copy / ".micronet-cache"
-    assert not list(data_copy.rglob("*.tmp"))
-    for path in cache.glob("test.*.npy"):  # absent, or complete
+    cache = cache_directory()
+    assert not list(data_copy.rglob("*.tmp")) and not list(cache.glob("*.tmp"))
+    for path in cache.glob(f"test.*.{content_hash([data_copy / 'wiki.test.tokens'])}.npy"):  # absent, or complete
         assert np.load(path, allow_pickle=False).size == _test_words(data_copy)
 
 

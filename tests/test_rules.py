@@ -115,7 +115,7 @@ def test_negative_baseline_is_rejected(tmp_path):
     with pytest.raises(RuleError) as err:
         load_rules(_write(tmp_path, text))
     assert err.value.key == "tracks.imagenet.baseline_params"
-    assert "greater than 0" in err.value.problem
+    assert "greater than or equal to 1" in err.value.problem
 
 
 def test_negative_per_element_price_is_rejected(tmp_path):

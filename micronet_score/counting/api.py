@@ -11,13 +11,21 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
+from micronet_score.counting.assemble import build_report
 from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.costs import Prices
-from micronet_score.counting.interpreter import CountingMode, Counts, Tally, Uncounted
-from micronet_score.counting.shapes import META_FALLBACKS, META_FAST, MetaCopy, data_dependent, to_meta
-from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account
+from micronet_score.counting.interpreter import CountingMode, Tally, Uncounted
+from micronet_score.counting.representation import Weights, check_choice
+from micronet_score.counting.shapes import (
+    META_FALLBACKS,
+    META_FAST,
+    MetaCopy,
+    data_dependent,
+    to_meta,
+)
+from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account, settle
 from micronet_score.errors import MicronetError
-from micronet_score.report import LayerRow, OpTotal, Report, UncountedOp
+from micronet_score.report import Report, UncountedOp
 from micronet_score.ruleset import RuleSet, load_rules
 
 
@@ -35,6 +43,8 @@ class Measured:
     """modules in training mode during a counted forward"""
     backward_ops: int = 0
     """ops of autograd's backward pass seen while measuring (never counted)"""
+    ran: set[str] = field(default_factory=set)
+    """paths of the modules whose forward ran (parameters of the others, read by no op, are not stored)"""
 
 
 class Counter:
@@ -51,7 +61,11 @@ class Counter:
         weight_bits: Mapping[str, int] | None = None,
         freebie: bool = False,
         strict: bool = False,
+        representation: str = "auto",
     ):
+        """``representation``: how tensors with zeros are stored, "auto" (the cheapest by its effect on the score;
+        by storage without a track), "dense", "masked" (nonzeros + 1-bit mask) or "block" (one bit per block);
+        the dot products follow (zeros are skipped only in a sparse representation)."""
         if not isinstance(model, nn.Module):
             raise MicronetError(f"can only count a torch.nn.Module (got {type(model).__name__})")
         self.model = model
@@ -60,6 +74,8 @@ class Counter:
         self.per = self.rules.tracks[self.track].per if self.track else "sample"
         self.policy = BitPolicy(self.rules, bits, act_bits, dict(weight_bits or {}), freebie)
         self.strict = strict
+        self.representation = check_choice(representation, self.rules)
+        self._choice_weights = Weights.of(self.rules, self.track)
         self.prices = Prices(self.rules)
         walk = Walk.of(model)
         self._modules = walk.modules
@@ -85,7 +101,7 @@ class Counter:
         walk, self._pending_walk = self._pending_walk or Walk.of(self.model), None
         keys = walk.identity()
         if self._table is None or not _same(keys, self._table_keys):
-            self._table = WeightTable.of(self.model, self.policy, walk)
+            self._table = WeightTable.of(self.model, self.policy, walk, self.representation)
             self._table_keys = keys
         else:
             self._table.refresh(self.model, walk)
@@ -119,7 +135,7 @@ class Counter:
         table = self._weights()
         training = self._training_modules()
         mode = CountingMode(self.prices, self.policy, table, self._names, self._output_bits)
-        with _installed(mode):
+        with _installed(mode, self._measured.ran):
             yield self
         self._collect(mode, table, samples, sample_dim, None, self._measured, training)
 
@@ -194,7 +210,7 @@ class Counter:
         mode.meta_fallbacks, mode.meta_fast = META_FALLBACKS, META_FAST
         meta_inputs, meta_kwargs = to_meta(inputs), to_meta(forward_kwargs)
         try:
-            with _installed(mode), torch.no_grad():
+            with _installed(mode, into.ran), torch.no_grad():
                 meta.model(*meta_inputs, **meta_kwargs)
         except MicronetError:
             raise
@@ -213,7 +229,7 @@ class Counter:
             table = self._weights()
             training = self._training_modules()
             mode = CountingMode(self.prices, self.policy, table, self._names, self._output_bits)
-            with _installed(mode):
+            with _installed(mode, into.ran):
                 self.model(*inputs, **forward_kwargs)
             self._collect(mode, table, samples, None, None, into, training)
 
@@ -240,6 +256,8 @@ class Counter:
         if meta is not None:  # storages of the meta copy -> the real model's
             norms = {path: replace(n, keys=tuple(meta.real(n.keys))) for path, n in norms.items()}
             dropped, read = meta.real(dropped), meta.real(read)
+        for path, *counts in settle(mode.dot_uses, table, self.policy, float(samples), self._choice_weights):
+            mode.tally.adjust(path, "dot_product", *counts)
         into.samples += float(samples)
         into.tally.merge(mode.tally)
         into.norms.update(norms)
@@ -260,39 +278,10 @@ class Counter:
         for key in measured.read:
             if key in table.by_key:
                 table.by_key[key].read = True
-        stored = account(table, list(measured.norms.values()), measured.dropped, self.policy)
-        n = measured.samples
+        storage = account(
+            table, list(measured.norms.values()), measured.dropped, self.policy, self._choice_weights, measured.ran
+        )
         tally = measured.tally
-        total_flops = sum(r.flops for r in tally.rows.values()) / n
-        order = {path: i for i, path in enumerate(self._modules)}
-        layers = []
-        for path in sorted(set(stored) | set(tally.rows), key=lambda p: order.get(p, len(order))):
-            s = stored.get(path)
-            counts = tally.rows.get(path) or Counts()
-            m, a, o, f = counts.mults / n, counts.adds / n, counts.others / n, counts.flops / n
-            module = self._modules.get(path)
-            layers.append(
-                LayerRow(
-                    name=path,
-                    type=type(module).__name__ if module is not None else "",
-                    params=s.params if s else 0,
-                    nonzeros=s.nonzeros if s else 0,
-                    density=(s.nonzeros / s.params) if s and s.params else None,
-                    bits=s.bits if s else None,
-                    storage=s.storage if s else 0.0,
-                    mults=m,
-                    adds=a,
-                    others=o,
-                    flops=f,
-                    share=f / total_flops if total_flops else 0.0,
-                )
-            )
-        ops = [
-            OpTotal(
-                family=fam, calls=v.calls, mults=v.mults / n, adds=v.adds / n, others=v.others / n, flops=v.flops / n
-            )
-            for fam, v in sorted(tally.families.items(), key=lambda kv: -kv[1].flops)
-        ]
         uncounted = [
             UncountedOp(op=op, module=mod, calls=u.calls, elements=u.elements)
             for (op, mod), u in tally.uncounted.items()
@@ -305,24 +294,9 @@ class Counter:
                 f"{len(uncounted)} op(s) have no price in rule set {self.rules.name} and are not counted: "
                 f"{_describe(tally.uncounted)}"
             )
-        params = sum(row.storage for row in layers)
-        flops = sum(row.flops for row in layers)
-        return Report(
-            rules=self.rules.name,
-            track=self.track,
-            samples=n,
-            per=self.per,
-            params=params,
-            flops=flops,
-            mults=sum(row.mults for row in layers),
-            adds=sum(row.adds for row in layers),
-            others=sum(row.others for row in layers),
-            score=self.rules.score(params, flops, self.track) if self.track else None,
-            layers=layers,
-            ops=ops,
-            uncounted=uncounted,
-            conversions=tally.conversions,
-            warnings=warnings,
+        return build_report(
+            self.rules, self.track, measured.samples, storage, self._modules, tally.rows, tally.families, uncounted,
+            warnings, tally.conversions,
         )
 
 
@@ -401,8 +375,8 @@ def _random_state_kept() -> Iterator[None]:
 def training_state_kept(model: nn.Module) -> Iterator[None]:
     """Run something on a model in training and leave its training state as it was: every module's mode, every
     buffer (the same tensor objects, their values restored where a forward wrote them: running statistics,
-    observers, counters), and the random generators. Parameters are not copied (a forward under no_grad does not
-    write them)."""
+    observers, counters), and the random generators; fake quantizers' observers are off meanwhile. Parameters
+    are not copied (a forward under no_grad does not write them)."""
     modes = [(module, module.training) for module in model.modules()]
     buffers = [
         (module, name, tensor, tensor._version, tensor.detach().clone())
@@ -410,6 +384,9 @@ def training_state_kept(model: nn.Module) -> Iterator[None]:
         for name, tensor in module._buffers.items()
         if tensor is not None and tensor.device.type != "meta"
     ]
+    for module in model.modules():  # observers off: the deployed model quantizes with its stored scale and zero
+        if isinstance(module, torch.ao.quantization.FakeQuantizeBase):  # point (the flag is a buffer: restored)
+            module.disable_observer()
     try:
         with _random_state_kept():
             yield
@@ -425,9 +402,17 @@ def training_state_kept(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _installed(mode: CountingMode) -> Iterator[None]:
-    """The counting mode and the module hooks that attribute its ops, for the duration of a forward."""
-    pre = register_module_forward_pre_hook(mode.enter)
+def _installed(mode: CountingMode, ran: set[str]) -> Iterator[None]:
+    """The counting mode and the module hooks that attribute its ops, for the duration of a forward; the paths
+    of the modules whose forward ran are added to ``ran``."""
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        path = mode.names.get(id(module))
+        if path is not None:
+            ran.add(path)
+        mode.enter(module, args)
+
+    pre = register_module_forward_pre_hook(enter)
     post = register_module_forward_hook(mode.leave)
     try:
         with mode:
@@ -470,6 +455,7 @@ def count(
     weight_bits: Mapping[str, int] | None = None,
     freebie: bool = False,
     strict: bool = False,
+    representation: str = "auto",
     backend: str = "dispatch",
     samples: float | None = None,
     sample_dim: int | None = None,
@@ -486,13 +472,16 @@ def count(
 
     ``shape_only``: run the forward on a meta copy of the model instead (no values computed; the model is only
     read), priced with the real model's widths, densities and storage: the same totals as a real run, for
-    models whose control flow does not depend on data (see :meth:`Counter.count_shapes`)."""
+    models whose control flow does not depend on data (see :meth:`Counter.count_shapes`).
+
+    ``representation``: how tensors with zeros are stored (see :class:`Counter`)."""
     if samples is None:  # one inference for both backends: tokens on a language track
         rule_set = _load_rules(rules)
         per = rule_set.tracks[rule_set.track_name(track)].per if track else "sample"
         samples = _samples_of(example_inputs, forward_kwargs, per, sample_dim)
     options = dict(
-        rules=rules, track=track, bits=bits, act_bits=act_bits, weight_bits=weight_bits, freebie=freebie, strict=strict
+        rules=rules, track=track, bits=bits, act_bits=act_bits, weight_bits=weight_bits, freebie=freebie, strict=strict,
+        representation=representation,
     )
     if backend == "fvcore":
         if shape_only:

@@ -2,8 +2,9 @@
 
 fvcore traces the model once (``torch.jit``) and calls a handle per ``aten::`` node; the handles here price
 each node with the same cost functions and rule set as the dispatch interpreter, from the traced shapes only.
-What a trace cannot see: weight values (so no sparsity: weights are dense), quantizer marks (so only the
-declared global widths), and storage folding (batch norm storage counted as its parameters). The dot
+What a trace cannot see: weight values (so no sparsity: weights are dense, stored and priced, whatever their
+zeros), quantizer marks (so only the declared global widths), and storage folding (batch norm storage counted as
+its parameters). The dot
 products of traceable models agree exactly with the dispatch interpreter; the tests check it.
 """
 
@@ -21,10 +22,12 @@ from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
 from micronet_score.counting import costs
+from micronet_score.counting.assemble import build_report
 from micronet_score.counting.bits import BitPolicy
+from micronet_score.counting.interpreter import Counts, FamilyCounts
 from micronet_score.counting.storage import WeightTable, account
 from micronet_score.errors import MicronetError
-from micronet_score.report import LayerRow, OpTotal, Report, UncountedOp
+from micronet_score.report import Report, UncountedOp
 from micronet_score.ruleset import RuleSet, load_rules
 
 _LINEAR_NODES = {"aten::_convolution", "aten::linear", "aten::addmm", "aten::matmul", "aten::mm"}
@@ -119,11 +122,14 @@ def count_fvcore(
     weight_bits: Mapping[str, int] | None = None,
     freebie: bool = False,
     strict: bool = False,
+    representation: str = "auto",
     samples: float | None = None,
     sample_dim: int = 0,
     forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Report:
     """Count a traceable model with fvcore; ops at the declared global widths, weights dense."""
+    if representation not in ("auto", "dense"):
+        raise MicronetError("the fvcore backend prices every weight dense: representation must be auto or dense")
     if forward_kwargs:
         raise MicronetError("the fvcore backend cannot pass keyword arguments to forward (trace limitation)")
     ruleset = load_rules(rules)
@@ -146,66 +152,27 @@ def count_fvcore(
 
     by_module = analysis.by_module_and_operator()
     modules = dict(model.named_modules())
-    own: dict[str, Tally] = {}  # fvcore's counts include submodules: keep each module's own ops
+    rows: dict[str, Counts] = {}  # fvcore's counts include submodules: keep each module's own ops
+    families: dict[str, FamilyCounts] = {}
+    unpriced: list[UncountedOp] = []
     for path, module in modules.items():
         mine = Tally(by_module.get(path, {}))
         for child, _ in module.named_children():
             mine.subtract(by_module.get(f"{path}.{child}" if path else child, {}))
-        own[path] = Tally({k: v for k, v in mine.items() if v})
-    stored = account(WeightTable.of(model, policy), [], set(), policy)
-    families: dict[str, list[float]] = {}
-    unpriced: list[UncountedOp] = []
-    layers = []
-    rows = sorted(set(stored) | {p for p, c in own.items() if c}, key=list(modules).index)
-    for path in rows:
-        counts = {"mults": 0.0, "adds": 0.0, "others": 0.0}
-        flops = 0.0
-        for key, value in own.get(path, {}).items():
+        for key, value in mine.items():
+            if not value:
+                continue
             family, _, kind = key.partition("/")
             if kind == "unpriced":
                 unpriced.append(UncountedOp(op=family, module=path, calls=int(value), elements=0))
                 continue
-            counts[kind] += value / n
-            flops += value * width[kind] / unit / n
-            fam = families.setdefault(family, [0.0, 0.0, 0.0, 0.0])
-            fam[("mults", "adds", "others").index(kind)] += value / n
-            fam[3] += value * width[kind] / unit / n
-        s = stored.get(path)
-        layers.append(
-            LayerRow(
-                name=path,
-                type=type(modules[path]).__name__,
-                params=s.params if s else 0,
-                nonzeros=s.nonzeros if s else 0,
-                density=1.0 if s else None,
-                bits=s.bits if s else None,
-                storage=s.storage if s else 0.0,
-                flops=flops,
-                share=0.0,
-                **counts,
-            )
-        )
-    total = sum(row.flops for row in layers) or 1.0
-    for row in layers:
-        row.share = row.flops / total
+            counts = Counts(**{kind: value}, flops=value * width[kind] / unit)
+            rows.setdefault(path, Counts()).add(counts)
+            families.setdefault(family, FamilyCounts()).add(counts)
     for op, calls in analysis.unsupported_ops().items():
         unpriced.append(UncountedOp(op=op, module="", calls=calls, elements=0))
     if strict and unpriced:
         raise MicronetError("strict mode: ops without a price: " + ", ".join(u.op for u in unpriced))
-    params, flops = sum(r.storage for r in layers), sum(r.flops for r in layers)
-    return Report(
-        rules=ruleset.name,
-        track=ruleset.track_name(track) if track else None,
-        samples=n,
-        per=ruleset.tracks[ruleset.track_name(track)].per if track else "sample",
-        params=params,
-        flops=flops,
-        mults=sum(r.mults for r in layers),
-        adds=sum(r.adds for r in layers),
-        others=sum(r.others for r in layers),
-        score=ruleset.score(params, flops, track) if track else None,
-        layers=layers,
-        ops=[OpTotal(family=f, calls=0, mults=v[0], adds=v[1], others=v[2], flops=v[3]) for f, v in families.items()],
-        uncounted=unpriced,
-        warnings=["fvcore backend: weights counted dense, widths global only, batch norm storage not folded"],
-    )
+    storage = account(WeightTable.of(model, policy, choice="dense"), [], set(), policy)
+    warnings = ["fvcore backend: weights counted dense, widths global only, batch norm storage not folded"]
+    return build_report(ruleset, track, n, storage, modules, rows, families, unpriced, warnings)

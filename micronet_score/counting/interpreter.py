@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from micronet_score.counting.bits import FLOAT_BITS, BitPolicy, Marks
-from micronet_score.counting.costs import Bill, Prices
+from micronet_score.counting.costs import Bill, Prices, dot_product
 from micronet_score.counting.flow import FLOW, Flow
 from micronet_score.counting.grid import QUANTIZED
 from micronet_score.counting.ops import FREE, TABLE, Charge, Handler, Op, attention_charge, mha_bill
@@ -117,6 +117,13 @@ class Tally:
             mine.elements += op.elements
         self.conversions += other.conversions
 
+    def adjust(self, path: str, family: str, mults: float, adds: float, others: float, flops: float) -> None:
+        """Change the counts of one module row and family (the dot products of a representation chosen after the
+        forward)."""
+        change = Counts(mults, adds, others, flops)
+        self.rows.setdefault(path, Counts()).add(change)
+        self.families.setdefault(family, FamilyCounts()).add(change)
+
 
 class OperandFacts:
     """The read-only facts a handler may ask about its operands (see :class:`ops.Facts`)."""
@@ -129,17 +136,20 @@ class OperandFacts:
         self.activation = activation
         self.linear: torch.Tensor | None = None
         """the output of the last conv/linear"""
+        self.dots: list[tuple[TensorInfo, float, float]] = []
+        """the stored weights of the call being priced, with their dot products' terms and outputs (dot() notes
+        them, the interpreter's record() takes them)"""
 
-    def density(self, *operands: torch.Tensor) -> float:
-        density = 1.0
+    def dot(self, prices: Prices, terms: float, outputs: float, *operands: torch.Tensor) -> Bill:
         for tensor in operands:
             if tensor.is_nested:
                 continue
             key = storage_key(tensor)
             info = self.weights.get(key) or self.derived.get(key)
-            if info is not None and info.density < density:
-                density = info.density
-        return density
+            if info is not None:
+                self.dots.append((info.source or info, terms, outputs))
+                break
+        return dot_product(prices, terms, outputs)
 
     def follows_linear(self, tensor: Any) -> bool:
         return tensor is self.linear and tensor is not None
@@ -230,6 +240,10 @@ class CountingMode(TorchDispatchMode):
         """first_input as it was when the forward ended (finish() forgets first_input)"""
         self.backward_ops = 0
         """ops run by autograd's backward pass while counting: training work, never counted"""
+        self.dot_uses: dict[int, tuple[TensorInfo, dict[tuple[str, int, int, float], float]]] = {}
+        """id(info) -> (info, {(module, mult bits, other bits, terms): outputs}): each weight's dense dot products"""
+        self.watch = {key for key, info in table.by_key.items() if info.is_parameter}
+        """parameters no op has taken yet (any op that takes one marks it read: needed for inference)"""
         self.meta_fallbacks: dict[Any, Any] | None = None
         self.meta_fast: dict[Any, Any] | None = None
         """shape-only counting: outputs of ops that have no meta kernel, by overload packet"""
@@ -296,6 +310,8 @@ class CountingMode(TorchDispatchMode):
             handler, flow = _RESOLVED[func]
         except KeyError:
             handler, flow = resolve(func)
+        if self.watch:
+            self._taken(args)
         if (handler is None and flow is None) or self.quiet:
             return out
         if self.converting:
@@ -307,12 +323,22 @@ class CountingMode(TorchDispatchMode):
                 self.tally.conversions += 1
             return out
         if handler is not None:
+            self.facts.dots.clear()
             charge = handler(Op(func, args, kwargs, out, self.facts), self.prices)
             if charge is not None:
                 self.apply(func, args, charge, out)
         if flow is not None:
             self.flow(flow, args, out)
         return out
+
+    def _taken(self, args: tuple) -> None:
+        for arg in args:
+            for tensor in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if isinstance(tensor, torch.Tensor) and not tensor.is_nested:
+                    key = storage_key(tensor)
+                    if key in self.watch:
+                        self.watch.discard(key)
+                        self.read.add(key)
 
     def attention(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ...): one price, any kernel."""
@@ -328,6 +354,7 @@ class CountingMode(TorchDispatchMode):
             out = func(*args, **kwargs)
         finally:
             self.quiet -= 1
+        self.facts.dots.clear()
         self.apply(func, args, attention_charge(q, k, v, mask is not None or bool(causal), self.prices), out)
         return out
 
@@ -346,6 +373,7 @@ class CountingMode(TorchDispatchMode):
             out = func(*args, **kwargs)
         finally:
             self.quiet -= 1
+        self.facts.dots.clear()
         same = a["query"] is a["key"] and a["key"] is a["value"]
         if q.dim() == 3:  # (length, batch, embed) -> (batch, length, embed): shapes only
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
@@ -464,6 +492,11 @@ class CountingMode(TorchDispatchMode):
                     widest = w
             mult_bits = other_bits = self.policy.activation if widest is None else widest
         path = self.stack[-1] if self.stack else ""
+        for info, terms, outputs in self.facts.dots:  # the weights' dense dot products (see storage.settle)
+            uses = self.dot_uses.setdefault(id(info), (info, {}))[1]
+            key = (path, mult_bits, other_bits, terms)
+            uses[key] = uses.get(key, 0.0) + outputs
+        self.facts.dots.clear()
         tally = self.tally
         row = tally.rows.get(path)
         if row is None:
@@ -513,7 +546,7 @@ class CountingMode(TorchDispatchMode):
         self.norms[path] = FoldedNorm(path, channels, folded, bits, keys)
 
     def derive(self, out: Any, info: TensorInfo) -> None:
-        """``out`` holds a stored tensor's values (a copy, a pruned product): its width and density."""
+        """``out`` holds a stored tensor's values (a copy, a pruned product): its width and representation."""
         self.derived[storage_key(out)] = info
         self._alive.append(out)
 
@@ -564,7 +597,7 @@ class CountingMode(TorchDispatchMode):
             self._mark(out, width)
 
     def copied(self, source: Any, out: Any) -> None:
-        """A copy of a stored tensor is still that tensor (its density; its width, or a narrower float dtype's
+        """A copy of a stored tensor is still that tensor (its representation; its width, or a narrower float dtype's
         when the copy casts to one, as autocast does); of a marked one, marked."""
         if source is None or not isinstance(out, torch.Tensor) or out.is_nested:
             return
@@ -574,7 +607,7 @@ class CountingMode(TorchDispatchMode):
             narrow = FLOAT_BITS.get(out.dtype) if out.dtype != source.dtype else None
             if narrow is not None and narrow < info.bits:
                 info = TensorInfo(info.names, info.module, info.numel, narrow, info.is_parameter, info.nonzeros,
-                                  info.known, density=info.density)
+                                  info.known, source=info.source or info)
             self.derive(out, info)
         elif self.marks.used:
             mark = self.marks.get(source)

@@ -1,10 +1,10 @@
 """The aten op table: which cost function prices each aten op, and with what elements and groups.
 
-A pricing handler is a pure function of one call (its inputs, its output, and read-only facts about the
-operands: the density of a stored weight, whether an input is the output of a conv/linear) and the rule set's
-prices. It returns a :class:`Charge`: the bill, the operands that set the multiply width, and what the call
-tells the storage accounting (a batch norm seen, a folded affine dropped, a conversion). Handlers are
-registered with :func:`priced`, which refuses an op priced twice.
+A pricing handler is a pure function of one call (its inputs, its output, and facts about the operands: which
+stored weight a dot product reads, noted so that its share follows the weight's representation; whether an input
+is the output of a conv/linear) and the rule set's prices. It returns a :class:`Charge`: the bill, the operands
+that set the multiply width, and what the call tells the storage accounting (a batch norm seen, a folded affine
+dropped, a conversion). Handlers are registered with :func:`priced`, which refuses an op priced twice.
 
 How widths flow through ops that compute nothing is its own table, :mod:`flow`. Ops in :data:`FREE` are data
 movement or bookkeeping: free. Anything else is unpriced and reported as uncounted by the interpreter, never
@@ -35,8 +35,10 @@ class Facts(Protocol):
     activation: int
     """the declared activation width (a quantized output of unknown width has it)"""
 
-    def density(self, *operands: torch.Tensor) -> float:
-        """Density of the stored (weight) operand of a dot product; activations are dense."""
+    def dot(self, prices: Prices, terms: float, outputs: float, *operands: torch.Tensor) -> Bill:
+        """Dot products of ``terms`` terms per output, one of ``operands`` a stored weight (activations are dense):
+        priced dense; the weight's terms x outputs are noted, and the representation chosen for it after the forward
+        keeps its share of them (zeros are skipped only when it is stored sparse)."""
 
     def follows_linear(self, tensor: Any) -> bool:
         """Whether ``tensor`` is the output of the last conv/linear (a batch norm on it folds)."""
@@ -165,7 +167,7 @@ def _tensors(args: tuple) -> tuple:
 @priced("mm", "bmm", "_int_mm")
 def _mm(op: Op, prices: Prices) -> Charge:
     a, b = op.args[0], op.args[1]
-    bill = costs.dot_product(prices, a.shape[-1], op.out.numel(), op.facts.density(a, b))
+    bill = op.facts.dot(prices, a.shape[-1], op.out.numel(), a, b)
     return Charge(bill, (a, b), linear=True)
 
 
@@ -181,7 +183,7 @@ def _scalings(prices: Prices, bill: Bill, beta: Any, alpha: Any, outputs: int) -
 def _addmm(op: Op, prices: Prices) -> Charge:
     a, b = op.args[1], op.args[2]  # args[0] is the bias: added at the accumulator width, it sets no multiply width
     outputs = op.out.numel()
-    bill = costs.dot_product(prices, a.shape[-1], outputs, op.facts.density(a, b))
+    bill = op.facts.dot(prices, a.shape[-1], outputs, a, b)
     beta, alpha = op.arg(3, "beta", 1), op.arg(4, "alpha", 1)
     if beta != 0:
         bill += costs.bias(prices, outputs)
@@ -195,7 +197,7 @@ def _scaled_mm(op: Op, prices: Prices) -> Charge:
     scale one multiply per output (two when both scales vary along the output), the bias one add."""
     a, b, scale_a, scale_b = op.args[:4]
     outputs = op.out.numel()
-    bill = costs.dot_product(prices, a.shape[-1], outputs, op.facts.density(a, b))
+    bill = op.facts.dot(prices, a.shape[-1], outputs, a, b)
     prices.charge(bill, "mul", outputs * (2 if scale_a.numel() > 1 and scale_b.numel() > 1 else 1))
     if op.arg(4, "bias") is not None:
         bill += costs.bias(prices, outputs)
@@ -216,7 +218,7 @@ def _grouped_mm(op: Op, prices: Prices) -> Charge:
         rows = out.numel() // out.shape[-1]
         if a.dim() == 2 and offs is not None and offs.device.type != "meta" and offs.numel():
             rows = min(rows, int(offs[-1]))  # rows past the last offset belong to no expert
-        bill = costs.dot_product(prices, a.shape[-1], rows * out.shape[-1], op.facts.density(a, b))
+        bill = op.facts.dot(prices, a.shape[-1], rows * out.shape[-1], a, b)
     bias = op.arg(3, "bias")
     if bias is not None:
         bill += costs.bias(prices, out.numel())
@@ -232,7 +234,7 @@ def _convolution(op: Op, prices: Prices) -> Charge:
         terms = x.numel() * (weight.numel() // weight.shape[0]) / outputs
     else:
         terms = weight.numel() // weight.shape[0]  # cin/groups * prod(kernel)
-    bill = costs.dot_product(prices, terms, outputs, op.facts.density(weight))
+    bill = op.facts.dot(prices, terms, outputs, weight)
     if bias is not None:
         bill += costs.bias(prices, outputs)
     return Charge(bill, (x, weight), linear=True)
@@ -293,7 +295,7 @@ def _projection(prices: Prices, facts: Facts, x: torch.Tensor, weight: torch.Ten
     """x @ weight.T + bias with ``features`` outputs per row: dot products of the input width, one bias add per
     output."""
     outputs = _numel(x) // _last(x) * features
-    return costs.dot_product(prices, _last(x), outputs, facts.density(weight)) + costs.bias(prices, outputs)
+    return facts.dot(prices, _last(x), outputs, weight) + costs.bias(prices, outputs)
 
 
 def mha_bill(
@@ -351,7 +353,7 @@ def _encoder_layer(op: Op, prices: Prices) -> Charge:
     hidden = ffn_w1.shape[0]
     bill += _projection(prices, op.facts, src, ffn_w1, hidden)
     bill += costs.elementwise(prices, "gelu" if use_gelu else "relu", rows * hidden)
-    bill += costs.dot_product(prices, hidden, elements, op.facts.density(ffn_w2)) + costs.bias(prices, elements)
+    bill += op.facts.dot(prices, hidden, elements, ffn_w2) + costs.bias(prices, elements)
     bill += costs.elementwise(prices, "add", elements)  # residual
     bill += costs.normalization(prices, elements, rows, affine)
     return Charge(bill, (src, qkv_w))
@@ -368,8 +370,8 @@ def _mkldnn_rnn_layer(op: Op, prices: Prices) -> Charge:
     gates = w_ih.shape[0]
     if gates != 4 * hidden:  # mkldnn runs LSTM only; anything else would be priced wrongly, so it is listed instead
         return Charge(unpriced=f"aten.mkldnn_rnn_layer(mode={mode})")
-    bill = costs.dot_product(prices, w_ih.shape[1], steps * gates, op.facts.density(w_ih))
-    bill += costs.dot_product(prices, w_hh.shape[1], steps * gates, op.facts.density(w_hh))
+    bill = op.facts.dot(prices, w_ih.shape[1], steps * gates, w_ih)
+    bill += op.facts.dot(prices, w_hh.shape[1], steps * gates, w_hh)
     if has_biases:
         bill += costs.bias(prices, 2 * steps * gates)
     bill += costs.cells(prices, "lstm_cell", steps, hidden)

@@ -1,12 +1,15 @@
-"""Storage accounting: every value needed for inference, by storage, at its bit-width, plus sparsity masks.
+"""Storage accounting: every value needed for inference, by storage, at its bit-width, in its representation.
 
-Rules (§1.3): nonzero values at their width, plus a bitmask of the full shape (1 bit per element) for sparse
-tensors; tied tensors count once; frozen parameters count; buffers count when the forward reads them (quantizer
-scales, running statistics); batch norm folds per the rule set (after a conv/linear: one bias per channel;
-elsewhere: a scale and a shift per channel). ``torch.nn.utils.prune`` reparametrisations (and masks saved
-beside their weights as ``<name>_mask``) store the product ``weight_orig * weight_mask``: its nonzeros plus the
-mask. Tensors of a narrow integer or quantized dtype count at that width unless declared otherwise; the packed
-weights of torch.ao quantized modules count at their width, with their scales, zero points and float bias.
+Rules (§1.3): each tensor is stored dense, as its nonzeros plus a bitmask of the full shape, or block-sparse
+(see :mod:`representation`: the cheapest by its effect on the score, or the one the user forces); tied tensors
+count once; parameters of modules that never ran and that no op read are not needed for inference: they are not
+stored, and are listed by name; frozen parameters count; buffers count when the forward reads them (quantizer
+scales, running statistics); batch norm folds per the rule set (``[folding]``; the values it stores per channel
+are ``[storage]`` data, the widths of scales and zero points ``[quantization]``). ``torch.nn.utils.prune``
+reparametrisations (and masks saved beside their weights as ``<name>_mask``) store the product
+``weight_orig * weight_mask``, in its representation. Tensors of a narrow integer, quantized or float dtype count
+at that width unless declared otherwise; the packed weights of torch.ao quantized modules count at their width,
+with their scales, zero points and float bias.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import torch
 from torch import nn
 
 from micronet_score.counting.bits import FLOAT_BITS, BitPolicy
+from micronet_score.counting.blocks import Blocks
 from micronet_score.counting.grid import DTYPE_BITS
 from micronet_score.counting.packed import Packed, packed_modules
+from micronet_score.counting.representation import Choice, Representation, Weights, block_options, choose, options
 
 
 def storage_key(tensor: torch.Tensor) -> int:
@@ -70,7 +75,8 @@ class Walk:
 
 @dataclass(slots=True)
 class TensorInfo:
-    """A stored tensor of the model: where it lives, its width, and its nonzeros (density of its operand)."""
+    """A stored tensor of the model: where it lives, its width, its nonzeros and block tilings (from which its
+    representation is chosen), and the dot products that read it."""
 
     names: list[str]
     module: str
@@ -80,8 +86,16 @@ class TensorInfo:
     nonzeros: int
     known: bool = True
     read: bool = False
-    density: float = 1.0
     version: int = -1
+    blocks: list[Blocks] = field(default_factory=list)
+    """block tilings worth pricing for this tensor (values with zeros, rule set permitting)"""
+    uses: float = 0.0
+    """32-bit-equivalent operations per sample of the dot products that read it, priced dense (last measure)"""
+    source: TensorInfo | None = None
+    """the stored tensor this is a narrower copy of (autocast): its dot products follow that tensor's choice"""
+
+    def options(self, mask) -> list[Representation]:
+        return options(self.numel, self.nonzeros, self.bits, mask, self.blocks)
 
 
 @dataclass(slots=True)
@@ -114,11 +128,13 @@ class WeightTable:
     pruned: dict[tuple[int, int], Pruned] = field(default_factory=dict)
     packed: dict[str, Packed] = field(default_factory=dict)
     meta: bool = False
+    policy: BitPolicy | None = None
+    choice: Choice = "auto"
 
     @classmethod
-    def of(cls, model: nn.Module, policy: BitPolicy, walk: Walk | None = None) -> WeightTable:
+    def of(cls, model: nn.Module, policy: BitPolicy, walk: Walk | None = None, choice: Choice = "auto") -> WeightTable:
         walk = walk or Walk.of(model)
-        table = cls()
+        table = cls(policy=policy, choice=choice)
         first: dict[int, torch.Tensor] = {}
         for is_parameter, items in ((True, walk.parameters), (False, walk.buffers)):
             for name, tensor in items:
@@ -172,9 +188,9 @@ class WeightTable:
                 continue
             info.version = tensor._version
             stale.append((info, tensor))
-        for (info, _), (nonzeros, known) in zip(stale, count_nonzeros([t for _, t in stale]), strict=True):
+        for (info, tensor), (nonzeros, known) in zip(stale, count_nonzeros([t for _, t in stale]), strict=True):
             info.nonzeros, info.known = nonzeros, known
-            info.density = nonzeros / info.numel if info.numel else 1.0
+            info.blocks = self._blocks(tensor, info)
             self.meta |= not known
         for pruned in self.pruned.values():
             orig, mask = tensors.get(pruned.orig_key), tensors.get(pruned.mask_key)
@@ -189,8 +205,15 @@ class WeightTable:
                 )
             )
             pruned.info.nonzeros, pruned.info.known = nonzeros, known
-            pruned.info.density = nonzeros / pruned.info.numel if pruned.info.numel else 1.0
+            if known and nonzeros < pruned.info.numel:
+                with torch.no_grad():
+                    pruned.info.blocks = self._blocks(orig.detach() * mask.detach(), pruned.info)
             self.meta |= not known
+
+    def _blocks(self, values: torch.Tensor, info: TensorInfo) -> list[Blocks]:
+        if self.policy is None or not info.known or info.nonzeros >= info.numel:
+            return []
+        return block_options(values, info.nonzeros, info.bits, self.policy.rules.mask, choice=self.choice)
 
     def pruned_keys(self) -> set[int]:
         return {k for p in self.pruned.values() for k in (p.orig_key, p.mask_key)}
@@ -323,22 +346,69 @@ class Stored:
     nonzeros: int = 0
     storage: float = 0.0
     bits: int | None = None
+    representations: list[str] = field(default_factory=list)
+
+    @property
+    def representation(self) -> str | None:
+        """The representation of its tensors: one label, or ``+``-joined when they differ."""
+        return "+".join(dict.fromkeys(self.representations)) or None
 
 
-def account(table: WeightTable, norms: list[FoldedNorm], dropped: set[int], policy: BitPolicy) -> dict[str, Stored]:
-    """Storage per module path: nonzeros * bits + mask bits (sparse tensors), divided by the unit width."""
+@dataclass(slots=True)
+class StoredTensor:
+    """One stored tensor: its values, width, representation and 32-bit-equivalent storage."""
+
+    name: str
+    module: str
+    numel: int
+    nonzeros: int
+    bits: int
+    representation: str
+    storage: float
+
+
+@dataclass(slots=True)
+class Storage:
+    """The storage of a model: per module row, per tensor, and the parameters left out (never needed)."""
+
+    rows: dict[str, Stored]
+    tensors: list[StoredTensor]
+    unused: list[str]
+
+
+def account(
+    table: WeightTable,
+    norms: list[FoldedNorm],
+    dropped: set[int],
+    policy: BitPolicy,
+    weights: Weights = Weights(),
+    ran: set[str] | None = None,
+) -> Storage:
+    """Storage per module path and per tensor: each tensor in its representation (values * bits + mask bits),
+    divided by the unit width. ``ran``: the module paths whose forward ran (None: unknown, every parameter is
+    stored); a parameter no op read whose modules all never ran is not stored."""
     rules = policy.rules
     unit = float(rules.unit_bits)
     rows: dict[str, Stored] = {}
+    tensors: list[StoredTensor] = []
 
-    def add(module: str, numel: int, nonzeros: int, bits: int) -> None:
+    def add(name: str, module: str, numel: int, nonzeros: int, bits: int, shape: Representation) -> None:
         row = rows.setdefault(module, Stored())
-        sparse = nonzeros < numel
-        mask = numel * rules.mask.bits_per_element if (sparse or not rules.mask.only_sparse_tensors) else 0.0
+        storage = shape.bits(bits) / unit
         row.params += numel
         row.nonzeros += nonzeros
-        row.storage += (nonzeros * bits + mask) / unit
+        row.storage += storage
         row.bits = bits if row.bits is None else max(row.bits, bits)
+        row.representations.append(shape.label)
+        tensors.append(StoredTensor(name, module, numel, nonzeros, bits, shape.label, storage))
+
+    def store(name: str, module: str, numel: int, nonzeros: int, bits: int, sparse: bool = False) -> None:
+        """A value that is not a tensor of the table: dense, or (packed weights) masked when it has zeros."""
+        found = options(numel, nonzeros, bits, rules.mask, [])
+        add(name, module, numel, nonzeros, bits, found[-1] if sparse else found[0])
+
+    def choose_for(info: TensorInfo) -> Representation:
+        return choose(info.options(rules.mask), info.bits, unit, table.choice, weights, info.uses)
 
     skip = set(dropped) | table.pruned_keys()
     seen_norms: set[str] = set()
@@ -347,22 +417,81 @@ def account(table: WeightTable, norms: list[FoldedNorm], dropped: set[int], poli
         if norm.module in seen_norms:
             continue
         seen_norms.add(norm.module)
-        values = norm.channels * (1 if norm.folded else 2)
-        add(norm.module, values, values, norm.bits)
+        folding = rules.folding.batch_norm_after_linear if norm.folded else rules.folding.batch_norm_elsewhere
+        values = norm.channels * rules.storage.batch_norm_values[folding]
+        store(f"{norm.module} (batch norm: {folding})", norm.module, values, values, norm.bits)
+    unused: list[str] = []
     for key, info in table.by_key.items():
         if key in skip or not (info.is_parameter or info.read):
             continue
-        add(info.module, info.numel, info.nonzeros, info.bits)
+        if ran is not None and info.is_parameter and not info.read and not _ran(info, ran):
+            unused += info.names
+            continue
+        add(info.names[0], info.module, info.numel, info.nonzeros, info.bits, choose_for(info))
     for pruned in table.pruned.values():
-        add(pruned.info.module, pruned.info.numel, pruned.info.nonzeros, pruned.info.bits)
+        info = pruned.info
+        add(info.names[0], info.module, info.numel, info.nonzeros, info.bits, choose_for(info))
     for packed in table.packed.values():
-        add(packed.module, packed.numel, packed.nonzeros, packed.bits)
-        add(packed.module, packed.scales, packed.scales, policy.scale_bits)  # weight scales
-        add(packed.module, packed.scales, packed.scales, policy.zero_point_bits(packed.bits))  # and zero points
+        # a packed weight's dot products are priced at its nonzeros (ops.py): stored masked when it has zeros
+        store(f"{packed.module}.weight", packed.module, packed.numel, packed.nonzeros, packed.bits, sparse=True)
+        scale_bits, zero_bits = policy.scale_bits, policy.zero_point_bits(packed.bits)
+        store(f"{packed.module}.scales", packed.module, packed.scales, packed.scales, scale_bits)
+        store(f"{packed.module}.zero_points", packed.module, packed.scales, packed.scales, zero_bits)
         if packed.static:  # output scale and zero point (the requantization of the output)
-            add(packed.module, 1, 1, policy.scale_bits)
-            add(packed.module, 1, 1, policy.zero_point_bits(packed.bits))
+            store(f"{packed.module}.output_scale", packed.module, 1, 1, scale_bits)
+            store(f"{packed.module}.output_zero_point", packed.module, 1, 1, zero_bits)
         if packed.bias is not None:
             nonzeros, _ = count_nonzero(packed.bias)
-            add(packed.module, packed.bias.numel(), nonzeros, policy.stored([f"{packed.module}.bias"], True))
-    return rows
+            name = f"{packed.module}.bias"
+            store(name, packed.module, packed.bias.numel(), nonzeros, policy.stored([name], True), sparse=True)
+    return Storage(rows, tensors, unused)
+
+
+def _ran(info: TensorInfo, ran: set[str]) -> bool:
+    """Whether a module holding the tensor (under any of its names) ran."""
+    return any(name.rpartition(".")[0] in ran for name in info.names)
+
+
+Adjustment = tuple[str, float, float, float, float]
+"""(module path, mults, adds, others, flops) to add to the dot_product counts of a module row"""
+
+
+def settle(
+    uses: dict[int, tuple[TensorInfo, dict[tuple[str, int, int, float], float]]],
+    table: WeightTable,
+    policy: BitPolicy,
+    samples: float,
+    weights: Weights = Weights(),
+) -> list[Adjustment]:
+    """The dot products of each stored tensor, priced dense during the forward (``uses``: outputs by module,
+    widths and terms per output), brought to the density d of the representation chosen for it: d * terms terms
+    per output, as :func:`costs.dot_product` prices them. The choice weighs the per-term part of their operations
+    per sample (kept in ``info.uses``), the part a density scales."""
+    rules = policy.rules
+    rule = rules.ops.get("dot_product")
+    if rule is None or not uses:
+        return []
+    e, g = rule.per_element, rule.per_group
+    unit, add_bits = float(rules.unit_bits), policy.add_bits
+
+    def counts(elements: float, groups: float) -> tuple[float, float, float]:
+        return (elements * e.mults + groups * g.mults, elements * e.adds + groups * g.adds,
+                elements * e.others + groups * g.others)
+
+    def flops(c: tuple[float, float, float], mult_bits: int, other_bits: int) -> float:
+        return (c[0] * mult_bits + c[1] * add_bits + c[2] * other_bits) / unit
+
+    adjustments: list[Adjustment] = []
+    for info, calls in uses.values():
+        dense = {key: counts(key[3] * outputs, outputs) for key, outputs in calls.items()}
+        # what a density scales: the per-term part of the price (the per-output part stays)
+        info.uses = sum(flops(counts(k[3] * o, 0.0), k[1], k[2]) for k, o in calls.items()) / samples
+        shape = choose(info.options(rules.mask), info.bits, unit, table.choice, weights, info.uses)
+        if shape.density == 1.0:
+            continue
+        for (path, mb, ob, terms), outputs in calls.items():
+            kept = terms * shape.density * outputs
+            now, before = counts(kept, min(outputs, kept)), dense[(path, mb, ob, terms)]
+            change = tuple(a - b for a, b in zip(now, before, strict=True))
+            adjustments.append((path, *change, flops(change, mb, ob)))
+    return adjustments

@@ -12,12 +12,16 @@ Vocabularies, by id:
   JAIST QRNN entry).
 * a file: a numpy array of words (``.npy``, no pickles) or plain text, one word per line.
 
-Tokenised splits are cached on disk (written atomically) so that a second run starts fast.
+Tokenised splits and built vocabularies are cached (written atomically) so that a second run starts fast. The
+cache is keyed by the files' contents (a BLAKE2 hash of every byte), never by their names, sizes or modification
+times, and it lives in the user's cache directory (``platformdirs.user_cache_dir("micronet-score")``, or the
+directory named by the ``MICRONET_SCORE_CACHE`` environment variable), never beside the data.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,10 +33,12 @@ import torch
 
 from micronet_score.checkpoint import write_atomic
 from micronet_score.errors import MicronetError
+from micronet_score.sources.files import regular_file
 
 EOS = "<eos>"
 SPLITS = ("train", "valid", "test")
-CACHE_DIR_NAME = ".micronet-cache"
+CACHE_ENV = "MICRONET_SCORE_CACHE"
+"""An environment variable naming the cache directory (tests point it at a temporary one)."""
 
 
 def split_file(data_dir: str | os.PathLike, split: str) -> Path:
@@ -54,9 +60,16 @@ def split_file(data_dir: str | os.PathLike, split: str) -> Path:
 def words(path: str | os.PathLike) -> Iterator[str]:
     """The tokens of a file: each line's whitespace-separated words, then ``<eos>`` (blank lines too)."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield from line.split()
-            yield EOS
+        try:
+            for line in f:
+                yield from line.split()
+                yield EOS
+        except UnicodeDecodeError as exc:
+            raise MicronetError(f"{path}: not UTF-8 text ({_decode_problem(exc)})") from None
+
+
+def _decode_problem(exc: UnicodeDecodeError) -> str:
+    return f"byte 0x{exc.object[exc.start]:02x} is not valid UTF-8"
 
 
 @dataclass(frozen=True)
@@ -101,18 +114,14 @@ class Vocabulary:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Vocabulary:
         """A ``.npy`` array of words (such as the authors' ``sorted_vocab.npy``) or a text file, one word a line."""
-        path = Path(path)
-        if not path.is_file():
-            raise MicronetError(f"vocabulary file not found: {path}")
+        path = regular_file(path, "vocabulary")
         if path.suffix == ".npy":
-            try:
-                array = np.load(path, allow_pickle=False)
-            except ValueError as exc:
-                raise MicronetError(
-                    f"{path}: a vocabulary array must hold strings, not pickled objects ({exc})"
-                ) from None
-            return cls(tuple(str(w) for w in array.reshape(-1)))
-        return cls(tuple(line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
+            return cls(tuple(str(w) for w in _word_array(path).reshape(-1)))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise MicronetError(f"{path}: not UTF-8 text ({_decode_problem(exc)})") from None
+        return cls(tuple(line.rstrip("\n") for line in text.splitlines() if line.strip()))
 
     def save(self, path: str | os.PathLike) -> None:
         write_atomic(Path(path), lambda f: f.write(("\n".join(self.words) + "\n").encode("utf-8")))
@@ -137,6 +146,36 @@ class Vocabulary:
         return np.asarray(ids, dtype=np.int32)
 
 
+def _word_array(path: Path) -> np.ndarray:
+    """A ``.npy`` array of strings, its header checked before anything is allocated: a string dtype, and a shape
+    whose bytes the file holds (a header may claim any shape)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = reader(f, max_header_size=10_000)
+    except Exception as exc:  # numpy raises ValueError, SyntaxError, TypeError... for a damaged header
+        raise MicronetError(f"{path}: not a numpy .npy file, or its header is damaged ({_first(exc)})") from None
+    if dtype.kind not in "US":
+        raise MicronetError(f"{path}: a vocabulary array must hold strings, not {dtype} values (no pickled objects)")
+    if any(d < 0 for d in shape):
+        raise MicronetError(f"{path}: its header claims an impossible shape {shape}")
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > size:
+        raise MicronetError(f"{path}: its header claims shape {shape} of {dtype} ({needed:,} bytes) but the file "
+                            f"holds {size:,} bytes")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise MicronetError(f"{path}: damaged .npy file ({_first(exc)})") from None
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def load_vocabulary(
     data_dir: str | os.PathLike,
     order: str = "frequency",
@@ -144,19 +183,20 @@ def load_vocabulary(
     cache_dir: str | os.PathLike | None = None,
 ) -> Vocabulary:
     """The vocabulary of a data directory: from ``vocab_file`` if given, else built in ``order``
-    (``frequency`` or ``first``) and cached."""
+    (``frequency`` or ``first``) and cached under the files' content hash."""
     if vocab_file is not None:
         return Vocabulary.from_file(vocab_file)
     if order not in ("frequency", "first"):
         raise MicronetError(f"unknown vocabulary order {order!r} (frequency, first)")
     paths = [split_file(data_dir, s) for s in (("train",) if order == "frequency" else SPLITS)]
-    stamp = _stamp(paths)
-    for directory in _cache_dirs(data_dir, cache_dir):
-        cached = directory / f"vocab.{order}.{stamp}.txt"
-        if cached.is_file():
+    cached = cache_directory(cache_dir) / f"vocab.{order}.{content_hash(paths)}.txt"
+    if cached.is_file():
+        try:
             return Vocabulary.from_file(cached)
+        except MicronetError:
+            pass  # a damaged cache file is rebuilt
     vocab = Vocabulary.by_frequency(paths[0]) if order == "frequency" else Vocabulary.by_first_appearance(paths)
-    _try_cache(data_dir, cache_dir, f"vocab.{order}.{stamp}.txt", vocab.save)
+    _try_cache(cached, vocab.save)
     return vocab
 
 
@@ -166,42 +206,49 @@ def load_split(
     vocab: Vocabulary,
     cache_dir: str | os.PathLike | None = None,
 ) -> torch.Tensor:
-    """The split as one stream of token ids (int64), cached on disk after the first read."""
+    """The split as one stream of token ids (int64), cached under its content hash after the first read."""
     path = split_file(data_dir, split)
-    name = f"{split}.{vocab.fingerprint()}.{_stamp([path])}.npy"
-    for directory in _cache_dirs(data_dir, cache_dir):
-        if (directory / name).is_file():
-            try:
-                return torch.from_numpy(np.load(directory / name, allow_pickle=False).astype(np.int64))
-            except (ValueError, OSError):
-                pass  # a damaged cache file is rebuilt
+    cached = cache_directory(cache_dir) / f"{split}.{vocab.fingerprint()}.{content_hash([path])}.npy"
+    if cached.is_file():
+        try:
+            return torch.from_numpy(np.load(cached, allow_pickle=False).astype(np.int64))
+        except (ValueError, OSError):
+            pass  # a damaged cache file is rebuilt
     ids = vocab.encode(words(path), source=str(path))
     if ids.size == 0:
         raise MicronetError(f"empty split: {path}")
-    _try_cache(data_dir, cache_dir, name, lambda p: write_atomic(p, lambda f: np.save(f, ids)))
+    _try_cache(cached, lambda p: write_atomic(p, lambda f: np.save(f, ids)))
     return torch.from_numpy(ids.astype(np.int64))
 
 
-def _stamp(paths: Sequence[Path]) -> str:
-    """Changes when any file changes (size and modification time)."""
-    parts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+def content_hash(paths: Sequence[Path]) -> str:
+    """A BLAKE2 hash of the files' bytes (and their order): two files with the same bytes share their cache,
+    a file whose bytes change gets a new one, whatever its name, size or modification time."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        digest.update(b"\0end of file\0")
+    return digest.hexdigest()
 
 
-def _cache_dirs(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None) -> list[Path]:
+def cache_directory(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$MICRONET_SCORE_CACHE``, else the user's cache directory; ``wikitext`` inside."""
     if cache_dir is not None:
-        return [Path(cache_dir)]
-    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "micronet-score" / "wikitext"
-    return [Path(data_dir) / CACHE_DIR_NAME, user]
+        return Path(cache_dir)
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        import platformdirs
+
+        root = platformdirs.user_cache_dir("micronet-score")
+    return Path(root) / "wikitext"
 
 
-def _try_cache(data_dir, cache_dir, name: str, write) -> None:
-    """Write into the first writable cache directory; no cache at all is fine."""
-    for directory in _cache_dirs(data_dir, cache_dir):
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            write(directory / name)
-            return
-        except OSError:
-            continue
-
+def _try_cache(path: Path, write) -> None:
+    """Write a cache file; a cache that cannot be written is no error (the next run rebuilds it)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError:
+        pass
