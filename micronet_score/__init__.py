@@ -21,6 +21,7 @@ _API = {
     "Report": "micronet_score.report",
     "RuleSet": "micronet_score.ruleset",
     "load_rules": "micronet_score.ruleset",
+    "CountOptions": "micronet_score.options",
 }
 
 
@@ -36,6 +37,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CountOptions",
     "Counter",
     "MicronetError",
     "Report",

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from micronet_score.counting.bits import BitPolicy, quantized_bits
+from micronet_score.counting.blocks import Blocks
 from micronet_score.counting.grid import dtype_bits, exact_scale_bits, mantissa_bits, measure, measure_rows
 from micronet_score.counting.packed import packed_modules
 from micronet_score.counting.representation import Choice, block_options, check_choice, choose, options
@@ -151,7 +152,7 @@ def audit(
     if block_shape is not None and not rule_set.mask.block_sparsity:
         raise MicronetError(f"rule set {rule_set.name} does not allow block sparsity: drop block_shape")
     if isinstance(model, nn.Module):
-        entries, activations = _module_entries(model), _module_activations(model)
+        entries, activations = _module_entries(model), module_activations(model)
     elif isinstance(model, Mapping):
         entries, activations = _state_entries(model), []
     else:
@@ -160,13 +161,23 @@ def audit(
     unknown = sorted(set(policy.weight_bits) - known)
     if unknown:
         raise MicronetError(f"weight_bits names no tensor of the model: {', '.join(unknown)}")
-    report = AuditReport(rules=rule_set.name, bits=bits, act_bits=act_bits, weight_bits=dict(policy.weight_bits))
-    for names, role, values, source in entries:
-        shape = _block_shape(block_shape, names)
-        entry = _tensor_audit(
-            names[0], role, values, source, policy.declared(names, role in ("weight", "packed")), shape, rule_set,
-            choice,
-        )
+    tensors = [
+        _tensor_audit(names[0], role, values, source, policy.declared(names, role in ("weight", "packed")),
+                      _block_shape(block_shape, names), rule_set, choice)
+        for names, role, values, source in entries
+    ]
+    return audited(tensors, activations, policy)
+
+
+def audited(
+    tensors: list[TensorAudit], activations: list[tuple[ActivationAudit, list[float]]], policy: BitPolicy
+) -> AuditReport:
+    """The report of tensors and activation quantizers measured (here, or streamed from files), with every
+    violation of the declaration in ``policy``."""
+    act_bits = policy.act_bits
+    report = AuditReport(rules=policy.rules.name, bits=policy.bits, act_bits=act_bits,
+                         weight_bits=dict(policy.weight_bits))
+    for entry in tensors:
         report.tensors.append(entry)
         report.violations += _width_violations(entry)
     for activation, scales in activations:
@@ -287,30 +298,53 @@ def _tensor_audit(
     row_bits = measure_rows(dense)[0] if values.dim() > 1 and values.numel() else None
     nonzeros = int(torch.count_nonzero(dense))
     numel = values.numel()
-    if source is None and nonzeros < numel:
-        source = "zeros"
     width = declared if declared is not None else dtype_bits(values.dtype)
     tilings = []
     if role in ("weight", "packed") or block_shape is not None:
         forced = "block" if block_shape is not None and choice == "auto" else choice
         tilings = block_options(dense, nonzeros, width, rules.mask, block_shape, forced)
+    return measured_entry(
+        name, role, values.dtype, numel, grid.bits if grid is not None else None, row_bits,
+        grid.distinct if grid is not None else 0, nonzeros, tilings, source, declared, rules,
+        "block" if block_shape is not None and choice == "auto" else choice, block_shape is not None,
+    )
+
+
+def measured_entry(
+    name: str,
+    role: Role,
+    dtype: torch.dtype,
+    numel: int,
+    measured_bits: int | None,
+    row_bits: int | None,
+    distinct: int,
+    nonzeros: int,
+    tilings: list[Blocks],
+    source: str | None,
+    declared: int | None,
+    rules: RuleSet,
+    choice: Choice = "auto",
+    declared_blocks: bool = False,
+) -> TensorAudit:
+    """One tensor's entry from what was measured of its values: its representation chosen from ``tilings`` (the
+    block tilings worth pricing) by the rule ``count`` uses."""
+    if source is None and nonzeros < numel:
+        source = "zeros"
+    width = declared if declared is not None else dtype_bits(dtype)
     found = options(numel, nonzeros, width, rules.mask, tilings)
-    if block_shape is not None and choice == "auto":
-        choice = "block"
     shape = choose(found, width, float(rules.unit_bits), choice)
     blocks = shape.blocks
-    block_source = ("declared" if block_shape is not None else "detected") if blocks is not None else None
-    mask_bits, stored = shape.mask_bits, shape.values
+    block_source = ("declared" if declared_blocks else "detected") if blocks is not None else None
     return TensorAudit(
         name=name,
         role=role,
-        dtype=_dtype_name(values.dtype),
+        dtype=_dtype_name(dtype),
         numel=numel,
         declared_bits=declared,
-        storage_bits=dtype_bits(values.dtype),
-        measured_bits=grid.bits if grid is not None else None,
+        storage_bits=dtype_bits(dtype),
+        measured_bits=measured_bits,
         row_bits=row_bits,
-        distinct=grid.distinct if grid is not None else 0,
+        distinct=distinct,
         nonzeros=nonzeros,
         density=nonzeros / numel if numel else 1.0,
         mask_source=source,
@@ -318,8 +352,8 @@ def _tensor_audit(
         block_source=block_source,
         blocks_kept=blocks.kept if blocks is not None else None,
         representation=shape.label,
-        stored_values=stored,
-        mask_bits=mask_bits,
+        stored_values=shape.values,
+        mask_bits=shape.mask_bits,
     )
 
 
@@ -349,7 +383,7 @@ def _width_violations(entry: TensorAudit) -> list[Violation]:
 # --- activations ------------------------------------------------------------------------------------------
 
 
-def _module_activations(model: nn.Module) -> list[tuple[ActivationAudit, list[float]]]:
+def module_activations(model: nn.Module) -> list[tuple[ActivationAudit, list[float]]]:
     """Fake quantizers (torch.ao FakeQuantize) and ``output_bits`` modules, with their scales."""
     found = []
     for path, module in model.named_modules():

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from micronet_score.errors import MicronetError
+from micronet_score.errors import MicronetError, first_line
 from micronet_score.sources.build import build_fitting
 from micronet_score.sources.config import read_config_file, shown
 from micronet_score.sources.files import check_zip_sizes, regular_file
@@ -76,29 +76,49 @@ PICKLE_HINT = (
 
 def read_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True`` onto the CPU (arbitrary unpickling only with ``trust_pickle``);
-    one clear error for a missing, empty, damaged or unsafe file."""
+    one clear error for a missing, empty, damaged or unsafe file, or one that is no PyTorch file at all."""
     path = _checkpoint_file(path)
     if path.stat().st_size == 0:
         raise MicronetError(f"{path}: empty file (0 bytes), not a checkpoint")
     check_zip_sizes(path, path.stat().st_size, str(path))
+    if not _looks_like_torch_save(path):
+        raise MicronetError(f"{path}: not a PyTorch checkpoint (neither a torch.save file nor safetensors)")
+    if trust_pickle:  # a pickled module's class is imported by name, from where the user runs
+        from micronet_score.sources.factory import importable_cwd
+
+        importable_cwd()
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except ModuleNotFoundError as exc:
+        raise MicronetError(f"{path}: the pickled objects' classes come from module {exc.name!r}, which is not "
+                            "importable here (run from the folder that holds it, or install it)") from None
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise MicronetError(f"{path}: not loaded: {PICKLE_HINT}") from None
-        raise MicronetError(f"{path}: not a PyTorch checkpoint, or damaged ({_first_line(exc)})") from None
+        raise MicronetError(f"{path}: not a PyTorch checkpoint, or damaged ({first_line(exc)})") from None
     except Exception as exc:
-        raise MicronetError(f"{path}: not a PyTorch checkpoint, or damaged ({_first_line(exc)})") from None
+        raise MicronetError(f"{path}: not a PyTorch checkpoint, or damaged ({first_line(exc)})") from None
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """A zip archive (``torch.save`` since 1.6) or a pickle stream (the legacy format), by the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
 
 
 def _checkpoint_file(path: str | os.PathLike) -> Path:
-    """The path of an existing checkpoint file, or one clear error (a directory is not one)."""
+    """The path of an existing checkpoint file, or one clear error (see :func:`not_a_checkpoint_directory`)."""
+    if Path(path).is_dir():
+        raise not_a_checkpoint_directory(Path(path))
     return regular_file(path)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def not_a_checkpoint_directory(path: Path) -> MicronetError:
+    return MicronetError(
+        f"{path}: a directory, not a checkpoint file; a directory loads when it is a Hugging Face model directory "
+        "(config.json beside model.safetensors, its index, or pytorch_model.bin), else give the weights file"
+    )
 
 
 def is_micronet_checkpoint(obj: Any) -> bool:
@@ -129,40 +149,72 @@ def _all_tensors(value: Any) -> bool:
     return isinstance(value, Mapping) and all(isinstance(v, Tensor) for v in value.values())
 
 
+SHOWN = 5
+"""Keys of each kind that a fit problem names (then a count of the rest)."""
+
+
 def fit_problems(
-    expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Tensor], allowed: Collection[str] = ()
+    expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Any], allowed: Collection[str] = (),
+    aliases: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Every missing, unexpected and misshapen key, all of them, grouped: ``"2 missing: a [3], b [4]"``,
-    ``"1 unexpected: c"``, ``"1 misshapen: d [5] (expected [4])"``; empty when the state dict fits. A [1] tensor fits
-    a 0-d one (``load_state_dict`` takes it); ``allowed`` are extra keys that are not unexpected."""
-    missing = [f"{k} {list(shape)}" for k, shape in expected.items() if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected and k not in allowed]
+    """The missing, unexpected and misshapen keys, grouped, each group a count and its first few keys:
+    ``"2 missing: a [3], b [4]"``, ``"1 unexpected: c"``, ``"1 misshapen: d [5] (expected [4])"``; empty when the
+    state dict fits. A [1] tensor fits a 0-d one (``load_state_dict`` takes it); ``allowed`` are extra keys that
+    are not unexpected; ``aliases`` maps a key to another holding the same tensor (tied weights: one is enough).
+    The shapes come from ``state_dict.shapes()`` where it has one (nothing is loaded), else from its tensors."""
+    shapes = state_dict.shapes() if callable(getattr(state_dict, "shapes", None)) else {
+        k: tuple(v.shape) for k, v in state_dict.items()}
+    aliases = aliases or {}
+    missing = [f"{k} {list(shape)}" for k, shape in expected.items()
+               if k not in shapes and aliases.get(k) not in shapes]
+    unexpected = [k for k in shapes if k not in expected and k not in allowed]
     misshapen = []
     for key, shape in expected.items():
-        if key in state_dict:
-            got = tuple(state_dict[key].shape)
+        if key in shapes:
+            got = tuple(shapes[key])
             if got != tuple(shape) and not (tuple(shape) == () and got == (1,)):
                 misshapen.append(f"{key} {list(got)} (expected {list(shape)})")
     return [
-        f"{len(keys)} {label}: {', '.join(keys)}"
+        f"{len(keys)} {label}: {', '.join(keys[:SHOWN])}" + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN
+                                                              else "")
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen))
         if keys
     ]
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """One error listing every missing, unexpected and misshapen key (see :func:`fit_problems`)."""
-    problems = fit_problems({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict)
+def tied_keys(model: nn.Module) -> dict[str, str]:
+    """Each state-dict key whose tensor another key also holds (tied weights), mapped to the first such key."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        owner = first.setdefault(id(tensor), key)
+        if owner != key:
+            aliases[key] = owner
+            aliases.setdefault(owner, key)
+    return aliases
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """One error naming the missing, unexpected and misshapen keys (see :func:`fit_problems`)."""
+    problems = fit_problems({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict,
+                            aliases=tied_keys(model))
     if problems:
         raise MicronetError(f"{source} does not fit the model: " + "; ".join(problems))
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """Check, then load in the model's key order (so that, of tied keys, the later one wins)."""
+def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Check, then copy tensor by tensor in the model's key order (so that, of tied keys, the later one wins; a
+    lazy mapping such as safetensors is read one tensor at a time). A tied key the file leaves out takes its
+    twin's value."""
     check_state_dict(model, state_dict, source)
-    own = model.state_dict()
-    ordered = {k: state_dict[k].reshape(own[k].shape).to(own[k].dtype) for k in own}
-    model.load_state_dict(ordered, strict=True)
+    aliases = tied_keys(model)
+    own = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, target in own.items():
+            value = state_dict[key] if key in state_dict else state_dict[aliases[key]]
+            if target.is_meta:
+                raise MicronetError(f"{source}: cannot load weights into a model on the meta device")
+            target.copy_(value.reshape(target.shape).to(target.dtype))
 
 
 def resolve_config(
@@ -230,7 +282,11 @@ def write_atomic(path: Path, write) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a micronet-score checkpoint (not a foreign file: see :func:`load_model`)."""
-    obj = read_file(path)
+    return _micronet_checkpoint(read_file(path), path)
+
+
+def _micronet_checkpoint(obj: Any, path: str | os.PathLike) -> Checkpoint:
+    """The checkpoint a file's object holds, checked (the file is read once, by the caller)."""
     if not is_micronet_checkpoint(obj):
         raise MicronetError(f"{path}: not a micronet-score checkpoint (no format: {FORMAT!r})")
     if obj.get("version") != VERSION:
@@ -263,8 +319,16 @@ def recognise(state_dict: Mapping[str, Tensor], stated: Mapping[str, Any] | None
         accepted.append(name)
     if len(accepted) != 1:
         found = f"it fits {', '.join(accepted)}" if accepted else "no bundled architecture recognises its keys"
-        raise MicronetError(f"name the architecture of this checkpoint ({found})")
+        raise MicronetError(f"name the architecture of this checkpoint ({found}): {WAYS_TO_NAME}")
     return accepted[0]
+
+
+WAYS_TO_NAME = (
+    "--model NAME for a bundled architecture (see `micronet-score models`); --model package.module:factory "
+    "(with --model-args '{\"key\": value}') for your own class or function; or save it as a Hugging Face "
+    "directory (config.json beside the weights), a torch.export program (.pt2), or a whole module "
+    "(torch.save(model), loaded with --trust-pickle)"
+)
 
 
 def load_model(
@@ -274,32 +338,81 @@ def load_model(
     overrides: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
     trust_pickle: bool = False,
+    model_args: str | Mapping[str, Any] | None = None,
 ) -> LoadedModel:
-    """Any checkpoint micronet-score accepts, as a model in eval mode; the one place files are resolved.
+    """Any checkpoint micronet-score accepts, as a model in eval mode; the one place sources are resolved.
 
     - a micronet-score checkpoint (architecture, configuration and weights in one file);
-    - an authors' file of a bundled architecture (``{'net': sd, 'step': n}``, a raw state dict, or their own key
-      format): the architecture is ``model`` or the one bundled architecture that recognises the keys; the
-      shapes give what they determine, ``config`` (their ``config.yaml``, or a mapping) and ``overrides`` the rest;
+    - a state dict (raw, in a training checkpoint ``{'net': sd, 'step': n}``, or a ``.safetensors`` file, single or
+      sharded) of the user's own architecture, ``model="package.module:factory"`` called with ``model_args``;
+    - an authors' file of a bundled architecture (the same forms, or their own key format): the architecture is
+      ``model`` or the one bundled architecture that recognises the keys; the shapes give what they determine,
+      ``config`` (their ``config.yaml``, or a mapping) and ``overrides`` the rest;
+    - a Hugging Face model directory (``config.json`` and its weights), built by ``transformers``;
     - a ``torch.export`` program (``.pt2``): any exported model, no class definition needed;
     - a fully pickled ``nn.Module``, only with ``trust_pickle`` (loading a pickle runs code from the file).
     """
-    from micronet_score.models import registry
+    from micronet_score.sources import factory, huggingface, safetensors_io
 
-    source = str(path)
-    if Path(path).suffix == ".pt2":
+    path, source = Path(path), str(path)
+    if path.is_dir():
+        if not huggingface.is_model_directory(path):
+            raise not_a_checkpoint_directory(path)
+        _no_model_for(source, "a Hugging Face directory builds its architecture from config.json", model)
+        net, cfg = huggingface.load(path)
+        return _ready(LoadedModel(type(net).__name__, net, cfg, {"source": source}), device)
+    if path.suffix == ".pt2":
+        _no_model_for(source, "a torch.export program carries its own graph", model)
         return load_program(path, device, trust_pickle)
-    obj = read_file(path, trust_pickle=trust_pickle)
-    if isinstance(obj, nn.Module):
-        obj.to(device).eval()
-        return LoadedModel("pickled module", obj, {}, {"source": source, "class": type(obj).__qualname__})
+    if safetensors_io.is_safetensors(_checkpoint_file(path)):
+        weights = safetensors_io.SafetensorsWeights(path)
+        state_dict: Mapping[str, Any] = weights
+        meta: dict[str, Any] = dict(weights.metadata)
+        obj = None
+    else:
+        obj = read_file(path, trust_pickle=trust_pickle)
+        if isinstance(obj, nn.Module):
+            _no_model_for(source, "the file holds a whole pickled module", model)
+            return _ready(LoadedModel("pickled module", obj, {}, {"source": source,
+                                                                 "class": type(obj).__qualname__}), device)
+    if factory.is_factory(model):
+        if obj is not None:
+            state_dict, meta = split_state_dict(obj, source)
+        args = factory.parse_args(model_args)
+        net = factory.build(model, args)
+        load_weights(net, state_dict, source)
+        return _ready(LoadedModel(model, net, args, {"source": source, **meta}), device)
+    if model_args is not None:
+        raise MicronetError("--model-args is for your own architecture (--model package.module:factory)")
+    if obj is None:
+        state_dict = weights.load()
     file_config = read_config_file(config) if isinstance(config, (str, os.PathLike)) else dict(config or {})
     if is_micronet_checkpoint(obj):
-        ckpt = load_checkpoint(path)
+        ckpt = _micronet_checkpoint(obj, path)
         name, state_dict, meta, stated = model or ckpt.model, ckpt.state_dict, ckpt.meta, {**ckpt.config, **file_config}
     else:
-        state_dict, meta = split_state_dict(obj, source)
+        if obj is not None:
+            state_dict, meta = split_state_dict(obj, source)
         name, stated = model or recognise(state_dict, {**file_config, **(overrides or {})}), file_config
+    return _ready(_load_bundled(name, state_dict, stated, overrides, source, meta), device)
+
+
+def _no_model_for(source: str, why: str, model: str | None) -> None:
+    if model is not None:
+        raise MicronetError(f"{source}: --model {model} does not apply: {why} (leave --model out)")
+
+
+def _ready(loaded: LoadedModel, device: str | torch.device) -> LoadedModel:
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _load_bundled(name: str, state_dict: Mapping[str, Tensor], stated: Mapping[str, Any],
+                  overrides: Mapping[str, Any] | None, source: str, meta: Mapping[str, Any]) -> LoadedModel:
+    """A bundled architecture built and loaded from a state dict, its settings from the shapes, the file's
+    configuration and the overrides."""
+    from micronet_score.models import registry
+
     spec = registry.get(name)
     try:
         if spec.load is not None:
@@ -316,6 +429,5 @@ def load_model(
     except MicronetError:
         raise
     except Exception as exc:
-        raise MicronetError(f"{source}: does not load as {spec.name} ({_first_line(exc)})") from None
-    net.to(device).eval()
+        raise MicronetError(f"{source}: does not load as {spec.name} ({first_line(exc)})") from None
     return LoadedModel(spec.name, net, cfg, {"source": source, **meta})

@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - typer < 0.20
 from micronet_score import __version__, breakdown, interrupts
 from micronet_score.errors import MicronetError
 from micronet_score.evaluate_lm import resolve_device
+from micronet_score.options import CountOptions
 from micronet_score.progress import steps
 from micronet_score.render import (
     MAX_LINE,
@@ -39,7 +40,14 @@ from micronet_score.render import (
 )
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES, bundled_rule_names, load_rules
-from micronet_score.scoring import CountOptions, Interrupted, measure_example, measure_images, measure_lm, track_of
+from micronet_score.scoring import (
+    Interrupted,
+    measure_directory,
+    measure_example,
+    measure_images,
+    measure_lm,
+    track_of,
+)
 from micronet_score.warning_groups import warning_lines
 
 
@@ -166,8 +174,14 @@ Freebie = Annotated[bool, typer.Option("--freebie", help="Unquantized entry: par
 Strict = Annotated[bool, typer.Option("--strict", help="Fail if any op has no price in the rule set.")]
 Config = Annotated[Path | None, typer.Option("--config", help="The authors' config.yaml (cache size, theta, "
                                                                  "lambda, bits...).")]
-ModelName = Annotated[str | None, typer.Option("--model", help="Bundled architecture of a raw state dict "
-                                                                  "(see `micronet-score models`).")]
+ModelName = Annotated[str | None, typer.Option("--model", help="Architecture of a state dict or safetensors file: "
+                                                                  "a bundled name (see `micronet-score models`) or "
+                                                                  "your own package.module:factory.")]
+ModelArgs = Annotated[str | None, typer.Option("--model-args", help="Keyword arguments of your factory, as a JSON "
+                                                                    "object: '{\"width\": 64}'.")]
+Inputs = Annotated[list[str] | None, typer.Option("--input", help="Example input to count on: a float tensor "
+                                                                  "1x3x224x224, or token ids ids:1x128; repeat "
+                                                                  "for several arguments.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow a fully pickled model (runs code from "
                                                                   "the file).")]
@@ -194,25 +208,35 @@ Verbose = Annotated[bool, typer.Option("--verbose", help="List every warning (by
                                                          "tensors is one line with a count and examples).")]
 ShapeOnly = Annotated[bool, typer.Option("--shape-only", help="Count from shapes on a meta copy, computing nothing "
                                                               "(same totals; not for data-dependent models).")]
+Stream = Annotated[bool, typer.Option("--stream", help="Count a Hugging Face model directory from its files without "
+                                                       "loading it (automatic when the weights exceed half the free "
+                                                       "memory, or when there are none).")]
 
 
 def _options(rules: str, track: str | None, bits: int | None, act_bits: int | None, freebie: bool,
              strict: bool, representation: Stored = Stored.auto) -> CountOptions:
-    return CountOptions(rules=load_rules(rules), track=track, bits=bits, act_bits=act_bits, freebie=freebie,
-                        strict=strict, representation=representation.value)
+    """The options, with the rule set read and the track checked before any model is loaded."""
+    options = CountOptions(rules=load_rules(rules), track=track, bits=bits, act_bits=act_bits, freebie=freebie,
+                           strict=strict, representation=representation.value)
+    options.track_name()
+    return options
 
 
-def _load(checkpoint: Path | None, model: str | None, config: Path | None, device: str, trust_pickle: bool):
+def _load(checkpoint: Path | None, model: str | None, config: Path | None, device: str, trust_pickle: bool,
+          model_args: str | None = None):
     from micronet_score.checkpoint import load_model
 
     return load_model(checkpoint, model=model, config=config, device=resolve_device(device),
-                      trust_pickle=trust_pickle)
+                      trust_pickle=trust_pickle, model_args=model_args)
 
 
 def _measure(loaded, options: CountOptions, data: Path | None, split: str, limit_tokens: int | None,
-             vocab: Path | None, labels: Path | None, device: str, progress: bool | None) -> Report:
+             vocab: Path | None, labels: Path | None, device: str, progress: bool | None,
+             inputs: list[str] | None = None, shape_only: bool = False) -> Report:
     if data is None:
-        return measure_example(loaded, options, device=resolve_device(device))
+        return measure_example(loaded, options, device=resolve_device(device), shape_only=shape_only, inputs=inputs)
+    if inputs or shape_only:
+        raise MicronetError("--data measures on the data: leave out --input and --shape-only")
     track = track_of(loaded, options)
     per = options.rules.track(track).per if track else "sample"
     if per == "token":
@@ -223,44 +247,56 @@ def _measure(loaded, options: CountOptions, data: Path | None, split: str, limit
 
 def _load_and_measure(checkpoint: Path, model: str | None, config: Path | None, device: str, trust_pickle: bool,
                       options: CountOptions, data: Path | None, split: str, limit_tokens: int | None,
-                      vocab: Path | None, labels: Path | None, show: bool | None):
+                      vocab: Path | None, labels: Path | None, show: bool | None, model_args: str | None = None,
+                      inputs: list[str] | None = None, shape_only: bool = False):
     """(loaded model, report): measured over the data (with the evaluation's own progress bar), else on the
     example input; the steps show on a terminal."""
     with steps(2 if data is None else 1, show=show) as bar:
         bar.step(f"loading {checkpoint}")
-        loaded = _load(checkpoint, model, config, device, trust_pickle)
+        loaded = _load(checkpoint, model, config, device, trust_pickle, model_args)
         if data is None:
             bar.step("counting the example input")
-            return loaded, _measure(loaded, options, None, split, limit_tokens, vocab, labels, device, show)
-    return loaded, _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, show)
+            return loaded, _measure(loaded, options, None, split, limit_tokens, vocab, labels, device, show,
+                                    inputs, shape_only)
+    return loaded, _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, show, inputs,
+                            shape_only)
 
 
-def _audited(loaded, bits: int | None, act_bits: int | None, rules, block_shape=None, representation: str = "auto"):
-    """The audit of the loaded model against the declared widths (per tensor where the model declares its own
-    weights' widths, as the MIT model does)."""
+def _audited(loaded, options: CountOptions, block_shape=None):
+    """The audit of the loaded model against the declared widths, as :meth:`CountOptions.declared_by` resolves
+    them (per tensor where the model declares its own weights' widths, as the MIT model does, at --bits or its
+    configuration's bits), with the tensors stored as ``options.representation`` says."""
     from micronet_score.audit import audit
 
-    return audit(loaded.model, bits=bits, weight_bits=_weight_bits(loaded, bits), act_bits=act_bits, rules=rules,
-                 block_shape=block_shape, representation=representation)
-
-
-def _weight_bits(loaded, bits: int | None) -> dict[str, int] | None:
-    """Per-tensor widths where the model declares its own weights' widths at ``bits`` (the MIT model: quantized
-    tensors at ``bits``, its position table and layer norms unquantized)."""
-    declares = callable(getattr(loaded.model, "declared_weight_bits", None))
-    return loaded.model.declared_weight_bits(bits) if declares and bits else None
+    declared = options.declared_by(loaded.model, loaded.config)
+    return audit(loaded.model, bits=declared.bits, weight_bits=declared.weight_bits, act_bits=declared.act_bits,
+                 rules=declared.rules, block_shape=block_shape, representation=declared.representation)
 
 
 def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> Report:
     """With --bits or --act-bits, audit the declaration: violations become warnings (an error with --strict)."""
-    if options.bits is None and options.act_bits is None:
+    if not options.declares_widths:
         return report
     from micronet_score.audit import declared_width_warnings
 
-    warnings = declared_width_warnings(loaded.model, bits=options.bits, act_bits=options.act_bits,
-                                       weight_bits=_weight_bits(loaded, options.bits), rules=options.rules,
-                                       strict=options.strict)
+    declared = options.declared_by(loaded.model, loaded.config)
+    warnings = declared_width_warnings(loaded.model, bits=declared.bits, act_bits=declared.act_bits,
+                                       weight_bits=declared.weight_bits, rules=declared.rules, strict=declared.strict)
     return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report
+
+
+def _streamed(checkpoint: Path, stream: bool) -> bool:
+    """Count from the files: asked for, or a model directory whose weights are absent or exceed the memory
+    budget."""
+    from micronet_score.streamed_count import is_model_directory, weights_exceed_memory
+    from micronet_score.streaming import weight_files
+
+    if not is_model_directory(checkpoint):
+        if stream:
+            raise MicronetError(f"--stream counts a Hugging Face model directory (config.json and safetensors "
+                                f"files); {checkpoint} is not one")
+        return False
+    return stream or not weight_files(checkpoint) or weights_exceed_memory(checkpoint)
 
 
 def _assumed_noted(loaded, report: Report) -> Report:
@@ -291,6 +327,7 @@ def eval_command(
     track: Track = None,
     config: Config = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     device: Device = "cpu",
     limit_tokens: LimitTokens = None,
     vocab: Vocab = None,
@@ -323,7 +360,7 @@ def eval_command(
     options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     with steps(1, show=_progress(as_json)) as bar:
         bar.step(f"loading {checkpoint}")
-        loaded = _load(checkpoint, model, config, device, trust_pickle)
+        loaded = _load(checkpoint, model, config, device, trust_pickle, model_args)
     if data is None:
         raise MicronetError("eval needs the test data (--data); `micronet-score count` counts without data")
     report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(as_json))
@@ -333,7 +370,13 @@ def eval_command(
 
 @app.command("count")
 def count_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file or Hugging Face model directory.")],
+    inputs: Inputs = None,
+    data: Data = None,
+    split: Split = "test",
+    limit_tokens: LimitTokens = None,
+    vocab: Vocab = None,
+    labels: Labels = None,
     bits: Bits = None,
     act_bits: ActBits = None,
     freebie: Freebie = False,
@@ -341,18 +384,21 @@ def count_command(
     track: Track = None,
     config: Config = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     device: Device = "cpu",
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
     shape_only: ShapeOnly = False,
+    stream: Stream = False,
     representation: RepresentationOption = Stored.auto,
     as_json: AsJson = False,
     verbose: Verbose = False,
 ) -> None:
-    """Storage, operations and score without the quality metric, on the architecture's example input.
+    """Storage, operations and score, on an example input (or averaged over --data).
 
-    Language models count one example stream whose adaptive-embedding bins follow the WikiText-103 test set's
-    frequencies; image models one image of the track's size; `.pt2` programs their exported example inputs.
+    The example input is --input where given; else the track's input shape in the rule set (one image), the
+    bundled architecture's (language models: one stream whose adaptive-embedding bins follow the WikiText-103 test
+    set's frequencies), or the inputs a `.pt2` program was exported with.
 
     Examples:
 
@@ -360,14 +406,25 @@ def count_command(
 
       micronet-score count exported.pt2 --track cifar100 --bits 8
 
+      micronet-score count weights.safetensors --model mynet:build --model-args '{"width": 64}' --input 1x3x32x32
+
+      micronet-score count ./my-hf-model --input ids:1x128 --track wikitext103
+
       micronet-score count wrn.pt --shape-only
+
+      micronet-score count llama-7b-pruned/ --stream
     """
     options = _options(rules, track, bits, act_bits, freebie, strict, representation)
-    with steps(2, show=_progress(as_json)) as bar:
-        bar.step(f"loading {checkpoint}")
-        loaded = _load(checkpoint, model, config, device, trust_pickle)
-        bar.step("counting the example input")
-        report = measure_example(loaded, options, device=resolve_device(device), shape_only=shape_only)
+    if _streamed(checkpoint, stream):
+        if model or config or model_args or inputs or data:
+            raise MicronetError("--model, --model-args, --config, --input and --data do not apply to a model "
+                                "directory counted from its files (the architecture comes from its config.json)")
+        report = measure_directory(checkpoint, options, progress=_progress(as_json))
+        _emit(report, as_json, f"{checkpoint} (counted from its files)", verbose)
+        return
+    loaded, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
+                                       limit_tokens, vocab, labels, _progress(as_json), model_args, inputs,
+                                       shape_only)
     report = _assumed_noted(loaded, _declared_widths_checked(loaded, options, report))
     _emit(report, as_json, f"{loaded.name}: {checkpoint}", verbose)
 
@@ -408,6 +465,7 @@ def breakdown_command(
                                                          "per module: svg or png.")] = Format.table,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file (svg and png; "
                                                                         "default: stdout).")] = None,
+    inputs: Inputs = None,
     data: Data = None,
     split: Split = "test",
     limit_tokens: LimitTokens = None,
@@ -420,6 +478,7 @@ def breakdown_command(
     track: Track = None,
     config: Config = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     device: Device = "cpu",
     strict: Strict = False,
     representation: RepresentationOption = Stored.auto,
@@ -438,7 +497,8 @@ def breakdown_command(
     """
     options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     _, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
-                                  limit_tokens, vocab, labels, _progress(fmt in (Format.json, Format.csv, Format.md)))
+                                  limit_tokens, vocab, labels, _progress(fmt in (Format.json, Format.csv, Format.md)),
+                                  model_args, inputs)
     if fmt in (Format.svg, Format.png):
         from micronet_score.plots import breakdown_image
 
@@ -460,7 +520,8 @@ def breakdown_command(
 
 @app.command("compare")
 def compare_command(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoint files.")],
+    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoint files or model directories.")],
+    inputs: Inputs = None,
     data: Data = None,
     split: Split = "test",
     limit_tokens: LimitTokens = None,
@@ -475,6 +536,7 @@ def compare_command(
     rules: Rules = DEFAULT_RULES,
     track: Track = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     device: Device = "cpu",
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
@@ -489,6 +551,8 @@ def compare_command(
       micronet-score compare dense.pt pruned.pt --model wrn-28-10
 
       micronet-score compare a.pth b.pth c.pth --config config.yaml --data wikitext-103 --plot tradeoff.svg
+
+      micronet-score compare dense.safetensors pruned.safetensors --model mynet:build --input 1x3x32x32
     """
     if len(checkpoints) < 2:
         raise MicronetError("compare needs at least two checkpoints")
@@ -503,10 +567,11 @@ def compare_command(
     with steps(len(checkpoints), show=_progress(as_json)) as bar:
         for path in checkpoints:
             bar.step(f"measuring {path}")
-            loaded = _load(path, model, config, device, trust_pickle)
+            loaded = _load(path, model, config, device, trust_pickle, model_args)
             with bar.paused() if data is not None else contextlib.nullcontext():
                 reports[str(path)] = _assumed_noted(loaded, _measure(loaded, options, data, split, limit_tokens,
-                                                                     vocab, labels, device, _progress(as_json)))
+                                                                     vocab, labels, device, _progress(as_json),
+                                                                     inputs))
     if plot is not None:
         _plot_tradeoff(reports, options, plot)
     if as_json:
@@ -524,6 +589,7 @@ def report_command(
     checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (default: the bundled demo, evaluated on "
                                                            "its corpus).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
+    inputs: Inputs = None,
     data: Data = None,
     split: Split = "test",
     limit_tokens: LimitTokens = None,
@@ -536,6 +602,7 @@ def report_command(
     track: Track = None,
     config: Config = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     device: Device = "cpu",
     strict: Strict = False,
     trust_pickle: TrustPickle = False,
@@ -561,11 +628,11 @@ def report_command(
         config, data = config or demo_config, data or demo_data
     options = _options(rules, track, bits, act_bits, freebie, strict)
     loaded, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
-                                       limit_tokens, vocab, labels, None)
+                                       limit_tokens, vocab, labels, None, model_args, inputs)
     report = _assumed_noted(loaded, _declared_widths_checked(loaded, options, report))
     with steps(2) as bar:
         bar.step("auditing bits and sparsity")
-        findings = _audited(loaded, bits, act_bits, options.rules)
+        findings = _audited(loaded, options)
         bar.step(f"writing {output}")
         try:
             write_html(report, output, title=f"{loaded.name}: {checkpoint.name}", audit=findings,
@@ -585,6 +652,7 @@ def audit_command(
     rules: Rules = DEFAULT_RULES,
     config: Config = None,
     model: ModelName = None,
+    model_args: ModelArgs = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 2 when a declared width does not hold.")] = False,
     representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
@@ -605,9 +673,11 @@ def audit_command(
     block_shape = _block(block) if block else None
     with steps(2, show=_progress(as_json)) as bar:
         bar.step(f"loading {checkpoint}")
-        loaded = _load(checkpoint, model, config, "cpu", trust_pickle)
+        loaded = _load(checkpoint, model, config, "cpu", trust_pickle, model_args)
         bar.step("auditing bits and sparsity")
-        result = _audited(loaded, bits, act_bits, load_rules(rules), block_shape, representation.value)
+        options = CountOptions(rules=load_rules(rules), bits=bits, act_bits=act_bits,
+                               representation=representation.value)
+        result = _audited(loaded, options, block_shape)
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:

@@ -20,3 +20,9 @@ class RuleError(MicronetError):
 
 class CountingBug(MicronetError):
     """An internal inconsistency of the counting (a negative count): a bug to report, named by op and module."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from micronet_score.errors import RuleError
+from micronet_score.errors import MicronetError, RuleError
 
 DEFAULT_RULES = "micronet-2019"
 
@@ -218,7 +218,7 @@ class RuleSet(_Strict):
             if track_key(track_name) == key or track_key(track.title) == key:
                 return track
         known = ", ".join(self.tracks)
-        raise RuleError(self.source or self.name, "tracks", f"no track {name!r} (known: {known})")
+        raise MicronetError(f"unknown track {name!r}: rule set {self.name} has the tracks {known}")
 
     def track_name(self, name: str) -> str:
         track = self.track(name)

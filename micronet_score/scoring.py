@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -23,22 +23,8 @@ from micronet_score.checkpoint import LoadedModel
 from micronet_score.counting import Counter
 from micronet_score.counting.api import training_state_kept
 from micronet_score.errors import MicronetError
+from micronet_score.options import CountOptions
 from micronet_score.report import Quality, Report
-from micronet_score.ruleset import DEFAULT_RULES, RuleSet, load_rules
-
-
-@dataclass(frozen=True)
-class CountOptions:
-    """The rule set, track and declared widths of a measurement."""
-
-    rules: str | RuleSet = DEFAULT_RULES
-    track: str | None = None
-    bits: int | None = None
-    act_bits: int | None = None
-    freebie: bool = False
-    strict: bool = False
-    representation: str = "auto"
-    """how tensors with zeros are stored: auto, dense, masked or block (see counting.representation)"""
 
 
 class Interrupted(MicronetError):
@@ -63,20 +49,10 @@ def track_of(loaded: LoadedModel, options: CountOptions) -> str | None:
 
 
 def make_counter(loaded: LoadedModel, options: CountOptions) -> Counter:
-    """A Counter for the model. A model that declares its own weight widths (``declared_weight_bits``, e.g. the
-    MIT model: quantized tensors at ``bits``, position table and layer norms unquantized) gets them at ``--bits``,
-    or at the ``bits`` of its configuration when its file carries quantizers."""
-    model = loaded.model
-    bits = options.bits
-    declares = callable(getattr(model, "declared_weight_bits", None))
-    if bits is None and declares and loaded.config.get("quantized") and loaded.config.get("bits"):
-        bits = int(loaded.config["bits"])
-    weight_bits = model.declared_weight_bits(bits) if declares and bits is not None else None
-    return Counter(
-        model, rules=options.rules, track=track_of(loaded, options), bits=bits, act_bits=options.act_bits,
-        weight_bits=weight_bits, freebie=options.freebie, strict=options.strict,
-        representation=options.representation,
-    )
+    """A Counter for the model, on the track asked for (else the bundled architecture's own), with the widths
+    the model declares (see :meth:`CountOptions.declared_by`)."""
+    options = replace(options.declared_by(loaded.model, loaded.config), track=track_of(loaded, options))
+    return Counter(loaded.model, options)
 
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:
@@ -107,7 +83,7 @@ def _finish(report: Report, model: nn.Module, warnings: list[str] | None = None,
 
 
 @contextmanager
-def _measuring(loaded: LoadedModel, counter: Counter, total: float | None = None) -> Iterator[None]:
+def _measuring(loaded: LoadedModel, counter: Counter | None, total: float | None = None) -> Iterator[None]:
     """Run the model in evaluation mode and give every module its training flag back afterwards; a failing
     forward becomes one clear error, Ctrl-C an :class:`Interrupted` with what was measured so far."""
     model = loaded.model
@@ -120,6 +96,8 @@ def _measuring(loaded: LoadedModel, counter: Counter, total: float | None = None
         with training_state_kept(model):
             yield
     except KeyboardInterrupt:
+        if counter is None:
+            raise
         report = counter.report() if counter.samples > 0 else None
         raise Interrupted(counter.samples, total, counter.per, report) from None
     except MicronetError:
@@ -142,17 +120,15 @@ def _samples(first: Any, per: str) -> int:
 
 
 def measure_example(
-    loaded: LoadedModel, options: CountOptions, device: str | torch.device = "cpu", shape_only: bool = False
+    loaded: LoadedModel, options: CountOptions, device: str | torch.device = "cpu", shape_only: bool = False,
+    inputs: Sequence[str] | None = None,
 ) -> Report:
-    """Count one forward over the example input (the architecture's, or the one a program was exported with);
-    ``shape_only`` runs it on a meta copy (nothing computed, same totals) for models whose control flow does
-    not depend on values."""
-    if loaded.example_inputs is not None:
-        inputs = loaded.example_inputs
-    elif loaded.spec is not None and loaded.spec.example_inputs is not None:
-        inputs = loaded.spec.example_inputs(loaded.model)
-    else:
-        raise MicronetError(f"no example input known for {loaded.name}: give the data to evaluate on")
+    """Count one forward over the example input (``inputs``: ``--input`` specs; else see
+    :func:`micronet_score.inputs.example_inputs`); ``shape_only`` runs it on a meta copy (nothing computed, same
+    totals) for models whose control flow does not depend on values."""
+    from micronet_score.inputs import example_inputs
+
+    inputs = example_inputs(loaded, options.ruleset(), track_of(loaded, options), inputs)
     inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs)
     counter = make_counter(loaded, options)
     loaded.model.to(device)
@@ -186,6 +162,25 @@ class _LogProbStream(nn.Module):
         return torch._neg_view(log_probs[:, 0].gather(1, targets[:, None])[:, 0]), state
 
 
+def _stream(loaded: LoadedModel, tokens: Tensor, vocabulary: int, device: str | torch.device
+            ) -> tuple[nn.Module, int | None]:
+    """The model as a streaming LM, and its chunk: a model with ``new_stream`` streams itself; a bundled
+    architecture without one returns time-major log-probabilities; any other model follows the documented
+    convention of :mod:`micronet_score.token_lm` (checked for its vocabulary and causality first)."""
+    from micronet_score.evaluate_lm import resolve_device
+    from micronet_score.token_lm import TokenLM, exported_length
+
+    model = loaded.model
+    if callable(getattr(model, "new_stream", None)):
+        return model, None
+    if loaded.spec is not None:
+        return _LogProbStream(model), None
+    stream = TokenLM(model, exported_length(loaded.example_inputs)).to(resolve_device(device)).eval()
+    with _measuring(loaded, None):
+        stream.check(tokens.to(resolve_device(device)), vocabulary)
+    return stream, stream.chunk
+
+
 def measure_lm(
     loaded: LoadedModel,
     options: CountOptions,
@@ -209,15 +204,15 @@ def measure_lm(
     if n_vocab is not None and len(vocab) != n_vocab:
         raise MicronetError(f"the vocabulary of {data} has {len(vocab)} words but the model predicts {n_vocab}"
                             " (give the authors' vocabulary file with --vocab)")
-    tokens = load_split(data, split, vocab)
-    stream = model if callable(getattr(model, "new_stream", None)) else _LogProbStream(model)
+    tokens = torch.as_tensor(load_split(data, split, vocab))
+    stream, chunk = _stream(loaded, tokens, len(vocab), device)
     counter = make_counter(loaded, options)
     predictions = len(tokens) - 1 if limit_tokens is None else min(len(tokens) - 1, limit_tokens)
     with _measuring(loaded, counter, total=predictions):
-        result = evaluate_stream(stream, torch.as_tensor(tokens), split=split, limit_tokens=limit_tokens,
+        result = evaluate_stream(stream, tokens, split=split, limit_tokens=limit_tokens, chunk=chunk,
                                  device=device, counter=counter, progress=progress)
     report = counter.report()
-    track = load_rules(options.rules).track(report.track) if report.track else None
+    track = options.ruleset().track(report.track) if report.track else None
     warnings = list(report.warnings)
     complete = result.predictions == len(tokens) - 1
     if not complete:
@@ -252,7 +247,8 @@ def measure_images(
 
     track = track_of(loaded, options)
     if track is None:
-        raise MicronetError("name the track (--track cifar100 or imagenet) to judge the accuracy")
+        tracks = ", ".join(f"{name} ({t.per}s)" for name, t in options.ruleset().tracks.items())
+        raise MicronetError(f"name the track to evaluate on with --track: {tracks}")
     images = load_image_folder(data, labels) if labels else load_cifar100_test(Path(data))
     counter = make_counter(loaded, options)
     with _measuring(loaded, counter, total=len(images)):
@@ -266,3 +262,27 @@ def measure_images(
     quality = Quality(metric=f"top1_correct of {result.total}", value=result.correct, threshold=result.threshold,
                       qualifies=result.qualifies and result.complete, complete=result.complete)
     return _finish(report, loaded.model, warnings, quality)
+
+
+def measure_directory(
+    directory: str | os.PathLike, options: CountOptions, *, progress: bool | None = None, **streaming: Any
+) -> Report:
+    """Count a Hugging Face model directory from its files without loading it (a model larger than memory):
+    storage streamed from its safetensors shards, operations from a meta-device forward of the architecture of
+    its ``config.json`` on the example token sequence; declared widths (``bits``, ``act_bits``) audited against
+    the values streamed, violations as warnings (an error with ``strict``). ``streaming``: ``tokens``,
+    ``chunk_bytes`` (see :func:`micronet_score.streamed_count.count_directory`)."""
+    from micronet_score.streamed_count import count_directory
+
+    counter_options = {"rules": options.rules, "track": options.track, "bits": options.bits,
+                       "act_bits": options.act_bits, "freebie": options.freebie, "strict": options.strict,
+                       "representation": options.representation}
+    report, audited = count_directory(Path(directory), counter_options, progress=progress, **streaming)
+    if options.bits is None and options.act_bits is None:
+        return report
+    if options.strict:
+        audited.raise_if_violations()
+    warnings = [f"audit: {v.message}" for v in audited.violations]
+    if not audited.tensors and options.bits is not None:
+        warnings.append("audit: no weights in the directory, so the declared widths could not be checked")
+    return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report

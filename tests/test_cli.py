@@ -162,8 +162,12 @@ def test_pickled_module_with_trust_pickle(cli, tmp_path):
     torch.save(TinyNet(), path)
     code, _, err = cli("count", str(path), "--json")
     assert code == 2 and "--trust-pickle" in " ".join(err.split())
-    code, out, err = cli("count", str(path), "--trust-pickle", "--track", "cifar100", "--json")
-    assert code == 2 and "no example input" in " ".join(err.split())  # a pickled module carries no example input
+    code, out, err = cli("count", str(path), "--trust-pickle", "--json")
+    err = " ".join(err.split())  # a pickled module carries no example input: the error says how to give one
+    assert code == 2 and "no example input" in err and "--input 1x3x32x32" in err and "--data" in err
+    # an image track gives one image of its input shape (3x32x32 for cifar100): conv 4*32*32 outputs of 27 MACs
+    report = _json(cli, "count", str(path), "--trust-pickle", "--track", "cifar100", "--json")
+    assert report["layers"][1]["name"] == "conv" and report["layers"][1]["mults"] == 4 * 32 * 32 * 27
 
 
 def test_compare_dense_and_pruned(cli, tmp_path):

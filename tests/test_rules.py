@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from micronet_score import RuleError, load_rules
+from micronet_score import MicronetError, RuleError, load_rules
 from micronet_score.counting.costs import Prices
 from micronet_score.ruleset import bundled_rule_names
 
@@ -82,7 +82,7 @@ def test_official_op_prices(rules):
 
 
 def test_unknown_track_is_a_clear_error(rules):
-    with pytest.raises(RuleError, match="no track 'mnist'"):
+    with pytest.raises(MicronetError, match=r"unknown track 'mnist'.* imagenet, cifar100, wikitext103"):
         rules.track("mnist")
 
 

@@ -13,9 +13,10 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from micronet_score.counting.assemble import build_report
 from micronet_score.counting.bits import BitPolicy
+from micronet_score.counting.blocks import Blocks
 from micronet_score.counting.costs import Prices
 from micronet_score.counting.interpreter import CountingMode, Tally, Uncounted
-from micronet_score.counting.representation import Weights, check_choice
+from micronet_score.counting.representation import Weights, check_choice, worth_tiling
 from micronet_score.counting.shapes import (
     META_FALLBACKS,
     META_FAST,
@@ -25,8 +26,8 @@ from micronet_score.counting.shapes import (
 )
 from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account, settle
 from micronet_score.errors import MicronetError
+from micronet_score.options import OPTION_NAMES, CountOptions
 from micronet_score.report import Report, UncountedOp
-from micronet_score.ruleset import RuleSet, load_rules
 
 
 @dataclass
@@ -51,30 +52,21 @@ class Counter:
     """Counts every forward run inside :meth:`measure`; :meth:`report` averages over all samples measured.
     :meth:`snapshot` gives the cost of the model as deployed, now, at any point of training."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        rules: str | RuleSet = "micronet-2019",
-        track: str | None = None,
-        bits: int | None = None,
-        act_bits: int | None = None,
-        weight_bits: Mapping[str, int] | None = None,
-        freebie: bool = False,
-        strict: bool = False,
-        representation: str = "auto",
-    ):
-        """``representation``: how tensors with zeros are stored, "auto" (the cheapest by its effect on the score;
-        by storage without a track), "dense", "masked" (nonzeros + 1-bit mask) or "block" (one bit per block);
-        the dot products follow (zeros are skipped only in a sparse representation)."""
+    def __init__(self, model: nn.Module, options: CountOptions | None = None, **settings: Any):
+        """``options`` and/or the settings of :class:`~micronet_score.options.CountOptions` as keywords
+        (``rules``, ``track``, ``bits``, ``act_bits``, ``weight_bits``, ``freebie``, ``strict``,
+        ``representation``)."""
         if not isinstance(model, nn.Module):
             raise MicronetError(f"can only count a torch.nn.Module (got {type(model).__name__})")
+        self.options = options = CountOptions.of(options, **settings)
         self.model = model
-        self.rules = _load_rules(rules)
-        self.track = self.rules.track_name(track) if track else None
+        self.rules = options.ruleset()
+        self.track = options.track_name()
         self.per = self.rules.tracks[self.track].per if self.track else "sample"
-        self.policy = BitPolicy(self.rules, bits, act_bits, dict(weight_bits or {}), freebie)
-        self.strict = strict
-        self.representation = check_choice(representation, self.rules)
+        self.policy = BitPolicy(self.rules, options.bits, options.act_bits, dict(options.weight_bits or {}),
+                                options.freebie)
+        self.strict = options.strict
+        self.representation = check_choice(options.representation, self.rules)
         self._choice_weights = Weights.of(self.rules, self.track)
         self.prices = Prices(self.rules)
         walk = Walk.of(model)
@@ -106,6 +98,24 @@ class Counter:
         else:
             self._table.refresh(self.model, walk)
         return self._table
+
+    def measured_elsewhere(
+        self, nonzeros: Mapping[str, int], tilings: Mapping[str, list[Blocks]] | None = None
+    ) -> None:
+        """Nonzeros (and every candidate block tiling) by tensor name, measured outside the model: for a model on
+        the meta device whose values live in files (streamed from them), they stand for the values its meta
+        tensors lack. Named tensors then count as known, in storage, in the choice of their representation and in
+        the densities of their operations; the others stay as they are."""
+        table = self._weights()
+        mask = self.rules.mask
+        for info in table.by_key.values():
+            name = next((n for n in info.names if n in nonzeros), None)
+            if name is None:
+                continue
+            info.nonzeros, info.known = nonzeros[name], True
+            found = (tilings or {}).get(name) or []
+            info.blocks = found if worth_tiling(info.numel, info.nonzeros, info.bits, mask, table.choice) else []
+        table.meta = any(not info.known for info in table.by_key.values())
 
     def _check_names(self, walk: Walk) -> None:
         known = {n for n, _ in walk.parameters}
@@ -428,19 +438,6 @@ def _same(a: list[tuple[str, torch.Tensor, int]], b: list[tuple[str, torch.Tenso
     return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b))
 
 
-_BUNDLED: dict[str, RuleSet] = {}
-
-
-def _load_rules(rules: str | RuleSet) -> RuleSet:
-    """A bundled rule set is parsed once per process (rule sets are frozen); files are read every time."""
-    if isinstance(rules, str) and rules in _BUNDLED:
-        return _BUNDLED[rules]
-    loaded = load_rules(rules)
-    if isinstance(rules, str) and loaded.source == f"{rules} (bundled)":
-        _BUNDLED[rules] = loaded
-    return loaded
-
-
 def _describe(uncounted: dict[tuple[str, str], Uncounted]) -> str:
     return ", ".join(f"{op} in {module or '<root>'} ({u.calls}x)" for (op, module), u in uncounted.items())
 
@@ -448,20 +445,13 @@ def _describe(uncounted: dict[tuple[str, str], Uncounted]) -> str:
 def count(
     model: nn.Module,
     *example_inputs: Any,
-    rules: str | RuleSet = "micronet-2019",
-    track: str | None = None,
-    bits: int | None = None,
-    act_bits: int | None = None,
-    weight_bits: Mapping[str, int] | None = None,
-    freebie: bool = False,
-    strict: bool = False,
-    representation: str = "auto",
+    options: CountOptions | None = None,
     backend: str = "dispatch",
     samples: float | None = None,
     sample_dim: int | None = None,
     shape_only: bool = False,
     training: bool = False,
-    **forward_kwargs: Any,
+    **kwargs: Any,
 ) -> Report:
     """Run ``model(*example_inputs, **forward_kwargs)`` once and report its inference cost by the rule set.
 
@@ -470,19 +460,19 @@ def count(
     they were. Samples: see :meth:`Counter.measure`. Declared widths (``bits``, ``act_bits``, ``weight_bits``)
     are audited against what the model holds: each violation is a warning (``strict``: an error).
 
+    ``options`` and/or the settings of :class:`~micronet_score.options.CountOptions` as keywords (``rules``,
+    ``track``, ``bits``, ``act_bits``, ``weight_bits``, ``freebie``, ``strict``, ``representation``) say how to
+    price it; every other keyword goes to the model's forward.
+
     ``shape_only``: run the forward on a meta copy of the model instead (no values computed; the model is only
     read), priced with the real model's widths, densities and storage: the same totals as a real run, for
-    models whose control flow does not depend on data (see :meth:`Counter.count_shapes`).
-
-    ``representation``: how tensors with zeros are stored (see :class:`Counter`)."""
+    models whose control flow does not depend on data (see :meth:`Counter.count_shapes`)."""
+    settings = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+    options, forward_kwargs = CountOptions.of(options, **settings), kwargs
     if samples is None:  # one inference for both backends: tokens on a language track
-        rule_set = _load_rules(rules)
-        per = rule_set.tracks[rule_set.track_name(track)].per if track else "sample"
+        rule_set, track = options.ruleset(), options.track_name()
+        per = rule_set.tracks[track].per if track else "sample"
         samples = _samples_of(example_inputs, forward_kwargs, per, sample_dim)
-    options = dict(
-        rules=rules, track=track, bits=bits, act_bits=act_bits, weight_bits=weight_bits, freebie=freebie, strict=strict,
-        representation=representation,
-    )
     if backend == "fvcore":
         if shape_only:
             raise MicronetError("shape_only counts with the dispatch backend, not fvcore")
@@ -491,9 +481,9 @@ def count(
         with training_state_kept(model), torch.no_grad():
             if not training:
                 _eval(model)
-            report = count_fvcore(model, example_inputs, samples=samples, forward_kwargs=forward_kwargs, **options)
+            report = count_fvcore(model, example_inputs, options, samples=samples, forward_kwargs=forward_kwargs)
     elif backend == "dispatch":
-        counter = Counter(model, **options)
+        counter = Counter(model, options)
         counter._pending_walk = counter._walk  # nothing changes the model between these two steps (its forward may)
         report = counter.snapshot(
             *example_inputs, samples=samples, training=training, shape_only=shape_only, **forward_kwargs
@@ -503,7 +493,8 @@ def count(
     from micronet_score.audit import declared_width_warnings
 
     declared = declared_width_warnings(
-        model, bits=bits, act_bits=act_bits, weight_bits=weight_bits, rules=rules, strict=strict
+        model, bits=options.bits, act_bits=options.act_bits, weight_bits=options.weight_bits, rules=options.rules,
+        strict=options.strict,
     )
     return report.model_copy(update={"warnings": [*report.warnings, *declared]}) if declared else report
 

@@ -27,8 +27,8 @@ from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.interpreter import Counts, FamilyCounts
 from micronet_score.counting.storage import WeightTable, account
 from micronet_score.errors import MicronetError
+from micronet_score.options import CountOptions
 from micronet_score.report import Report, UncountedOp
-from micronet_score.ruleset import RuleSet, load_rules
 
 _LINEAR_NODES = {"aten::_convolution", "aten::linear", "aten::addmm", "aten::matmul", "aten::mm"}
 
@@ -114,26 +114,21 @@ def _handles(prices: costs.Prices, fold_bn: bool) -> dict[str, Callable]:
 def count_fvcore(
     model: nn.Module,
     example_inputs: tuple,
+    options: CountOptions | None = None,
     *,
-    rules: str | RuleSet = "micronet-2019",
-    track: str | None = None,
-    bits: int | None = None,
-    act_bits: int | None = None,
-    weight_bits: Mapping[str, int] | None = None,
-    freebie: bool = False,
-    strict: bool = False,
-    representation: str = "auto",
     samples: float | None = None,
     sample_dim: int = 0,
     forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Report:
     """Count a traceable model with fvcore; ops at the declared global widths, weights dense."""
-    if representation not in ("auto", "dense"):
+    options = options or CountOptions()
+    if options.representation not in ("auto", "dense"):
         raise MicronetError("the fvcore backend prices every weight dense: representation must be auto or dense")
     if forward_kwargs:
         raise MicronetError("the fvcore backend cannot pass keyword arguments to forward (trace limitation)")
-    ruleset = load_rules(rules)
-    policy = BitPolicy(ruleset, bits, act_bits, dict(weight_bits or {}), freebie)
+    ruleset, bits, freebie, strict = options.ruleset(), options.bits, options.freebie, options.strict
+    track = options.track_name()
+    policy = BitPolicy(ruleset, bits, options.act_bits, dict(options.weight_bits or {}), freebie)
     prices = costs.Prices(ruleset)
     analysis = JitModelAnalysis(model, tuple(example_inputs))
     analysis.set_op_handle(**_handles(prices, ruleset.folding.batch_norm_after_linear == "bias"))

@@ -89,19 +89,32 @@ def block_options(
     A tiling stores at least the nonzeros and one bit per block of at most 256 values: when even that is not
     cheaper than the nonzeros plus a per-element mask and not cheaper than dense, no tiling is tried (a tensor
     with a handful of accidental zeros is never tiled) unless block is forced; forced dense or masked: none."""
-    numel = values.numel()
-    if not mask.block_sparsity or nonzeros >= numel or numel == 0 or values.device.type == "meta":
-        return []
-    if choice in ("dense", "masked"):
+    if values.device.type == "meta" or not worth_tiling(values.numel(), nonzeros, width, mask, choice, shape):
         return []
     if shape is not None:
         return [tile(values, shape)]
-    if choice == "block":
-        return candidates(values)
-    floor = nonzeros * width + numel / 256 * mask.bits_per_block
-    if floor >= min(numel * width, nonzeros * width + numel * mask.bits_per_element):
-        return []
     return candidates(values)
+
+
+def worth_tiling(
+    numel: int, nonzeros: int, width: int, mask: MaskPolicy, choice: Choice = "auto",
+    shape: tuple[int, int] | None = None,
+) -> bool:
+    """Whether :func:`block_options` prices tilings of a tensor of these counts (see there)."""
+    if not mask.block_sparsity or nonzeros >= numel or numel == 0 or choice in ("dense", "masked"):
+        return False
+    if shape is not None or choice == "block":
+        return True
+    floor = nonzeros * width + numel / 256 * mask.bits_per_block
+    return floor < min(numel * width, nonzeros * width + numel * mask.bits_per_element)
+
+
+def tiling_may_win(kept_elements: int, nonzeros: int, blocks: int, numel: int, width: int, mask: MaskPolicy) -> bool:
+    """Whether a block tiling can store a tensor in fewer bits than its nonzeros plus a per-element mask; if not,
+    it is never chosen (its dot products keep at least the nonzeros' terms too, and ties go to the mask).
+    ``kept_elements`` and ``nonzeros`` may count part of the tensor (the zeros its kept blocks store only grow);
+    ``blocks`` is the whole tensor's."""
+    return (kept_elements - nonzeros) * width + blocks * mask.bits_per_block < numel * mask.bits_per_element
 
 
 def options(numel: int, nonzeros: int, width: int, mask: MaskPolicy, blocks: list[Blocks]) -> list[Representation]:

@@ -46,6 +46,9 @@ class MetaCopy:
                     f"shape-only counting cannot copy module {path or '<root>'!r} to the meta device (its weights are "
                     "packed torch.ao quantized params): count without shape_only"
                 )
+        if _all_meta(walk):  # already on meta (a model counted from its files): the model is its own copy
+            keys = {storage_key(t) for _, t in walk.parameters + walk.buffers}
+            return cls(model, walk, {k: k for k in keys})
         memo: dict[int, Any] = {id(obj): obj for obj in shared}
         real_of_meta: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -103,6 +106,18 @@ class MetaCopy:
     def real(self, keys: Any) -> set[int]:
         """Meta storage keys translated to the real model's (keys of tensors made during the forward: dropped)."""
         return {self.real_key[k] for k in keys if k in self.real_key}
+
+
+def _all_meta(walk: Walk) -> bool:
+    """Every parameter, buffer and plain tensor attribute of the model is a meta tensor."""
+    if not all(t.device.type == "meta" for _, t in walk.parameters + walk.buffers):
+        return False
+    return all(
+        value.device.type == "meta"
+        for module in walk.modules.values()
+        for value in vars(module).values()
+        if isinstance(value, torch.Tensor)
+    )
 
 
 _ATOMS = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, torch.memory_format)
@@ -233,21 +248,65 @@ def _batch_norm_no_training(args: tuple, kwargs: dict) -> tuple | None:
     return _batch_norm_outputs(args[0], args[1]) if len(args) >= 7 and not kwargs else None
 
 
-def _same_shape_add(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if len(args) != 2 or kwargs:
+def _pointwise(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Floating elementwise arithmetic of row-major tensors on one device (and numbers): the broadcast shape at
+    the promoted dtype (torch.result_type), contiguous, as torch's kernels make it for such inputs."""
+    if len(args) > 2 or set(kwargs) - {"alpha"}:
         return None
-    a, b = args
-    if (
-        isinstance(a, torch.Tensor)
-        and isinstance(b, torch.Tensor)
-        and a.dtype == b.dtype
-        and a.is_floating_point()
-        and a.shape == b.shape
-        and a.is_contiguous()
-        and b.is_contiguous()
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or any(isinstance(a, bool) or not isinstance(a, (torch.Tensor, int, float)) for a in args):
+        return None
+    device = tensors[0].device
+    if any(not t.is_floating_point() or not _row_major(t) or t.device != device for t in tensors):
+        return None
+    dtype = torch.result_type(args[0], args[1]) if len(args) == 2 else tensors[0].dtype
+    return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device=device)
+
+
+def _triangle(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """tril(x, diagonal) of a contiguous tensor: like its input, whatever its dtype."""
+    x = args[0]
+    return _like(x) if isinstance(x, torch.Tensor) and x.is_contiguous() and x.dim() >= 2 else None
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    """Strides that do not grow along the dims (contiguous, or a slice of a contiguous tensor): torch lays the
+    output of elementwise ops on such inputs out contiguously."""
+    strides = [st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1]
+    return all(a >= b for a, b in zip(strides, strides[1:], strict=False))
+
+
+def _mean_dim(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """mean(x, dims, keepdim) of a floating tensor, without a dtype: the reduced shape."""
+    if kwargs.get("dtype") is not None or len(args) < 2 or len(args) > 3:
+        return None
+    x, dims = args[0], args[1]
+    keepdim = args[2] if len(args) == 3 else kwargs.get("keepdim", False)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not isinstance(dims, (list, tuple)) or not dims:
+        return None
+    reduced = {d % x.dim() for d in dims} if x.dim() else set()
+    shape = [1 if i in reduced else n for i, n in enumerate(x.shape) if keepdim or i not in reduced]
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+
+def _cat(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """cat of contiguous floating tensors of one dtype, rank and device along one dim."""
+    if kwargs or not args or len(args) > 2 or not isinstance(args[0], (list, tuple)) or not args[0]:
+        return None
+    tensors, dim = args[0], args[1] if len(args) == 2 else 0
+    first = tensors[0]
+    if not all(
+        isinstance(t, torch.Tensor) and t.dtype == first.dtype and t.dim() == first.dim() > 0
+        and t.device == first.device and t.is_floating_point() and t.is_contiguous()
+        for t in tensors
     ):
-        return _like(a)
-    return None
+        return None
+    dim %= first.dim()
+    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1 :] != first.shape[dim + 1 :] for t in tensors):
+        return None
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device=first.device)
 
 
 def _convolution(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -331,9 +390,12 @@ def _fast_table() -> dict[Any, Any]:
             table[getattr(_aten, f"{name}_").default] = _in_place
     table[_aten.native_batch_norm.default] = _native_batch_norm
     table[_aten._native_batch_norm_legit_no_training.default] = _batch_norm_no_training
-    table[_aten.add.Tensor] = _same_shape_add
-    for scaled in (_aten.mul.Scalar, _aten.div.Scalar):
-        table[scaled] = _like_input
+    for op in (_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor, _aten.mul.Scalar,
+               _aten.div.Scalar, _aten.pow.Tensor_Scalar, _aten.neg.default, _aten.rsqrt.default):
+        table[op] = _pointwise
+    table[_aten.tril.default] = _triangle
+    table[_aten.mean.dim] = _mean_dim
+    table[_aten.cat.default] = _cat
     table[_aten.convolution.default] = _convolution
     for product in (_aten.mm.default, _aten.addmm.default, _aten.bmm.default):
         table[product] = _matrix_product
