@@ -7,9 +7,13 @@ Load that comes and goes (other processes) then moves both sides of a ratio toge
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -42,3 +46,15 @@ def interleaved(
     result: dict[str, float | None] = {key: None for key in variants}
     result.update({key: statistics.median(values) for key, values in ratios.items()})
     return statistics.median(plain), result, errors
+
+
+def save_results(out: dict, path: str | Path) -> None:
+    """``out`` with the machine's load, torch and the date, written as JSON to ``path`` and printed."""
+    import torch
+
+    out = {**out, "load_average_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+           "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))

@@ -242,7 +242,7 @@ def _measure(loaded, options: CountOptions, data: Path | None, split: str, limit
     if per == "token":
         return measure_lm(loaded, options, data, split, vocab_file=vocab, limit_tokens=limit_tokens,
                           device=device, progress=progress)
-    return measure_images(loaded, options, data, labels=labels, device=device, progress=bool(progress))
+    return measure_images(loaded, options, data, labels=labels, device=device, progress=progress)
 
 
 def _load_and_measure(checkpoint: Path, model: str | None, config: Path | None, device: str, trust_pickle: bool,

@@ -237,10 +237,11 @@ def measure_images(
     labels: str | os.PathLike | None = None,
     batch_size: int = 100,
     device: str | torch.device = "cpu",
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> Report:
     """Top-1 correct on a CIFAR-100 archive (``data`` = the ``test`` file or its folder/.tar.gz) or an ImageNet
-    folder (with ``labels``), with the operations counted per image in the same pass."""
+    folder (with ``labels``), with the operations counted per image in the same pass; ``progress`` shows a bar
+    with images per second (None: when stderr is a terminal)."""
     from micronet_score.data.images import load_cifar100_test, load_image_folder
     from micronet_score.evaluate_images import evaluate_top1
 

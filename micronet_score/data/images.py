@@ -4,20 +4,29 @@ Both yield batches of normalised float images (N, 3, H, W) with their integer la
 
 * CIFAR-100: the ``test`` file of ``cifar-100-python`` (or the folder, or the ``.tar.gz`` holding it): a pickle of
   a dict with ``b'data'`` (10000 x 3072 uint8, channel-major 32x32 images) and ``b'fine_labels'``. It is read
-  with an unpickler that rebuilds numpy arrays and builtins only; any other global in the file is refused.
+  with an unpickler that rebuilds numpy arrays and builtins only; any other global in the file is refused. An
+  archive is read as a stream, and the member's size is checked against ``MAX_CIFAR_BYTES`` before it is read.
   Normalised with the CIFAR-100 training mean and standard deviation.
 * ImageNet: a folder of images and a labels file; each line ``<file name> <class index 0..999>``, or only the
-  class indices, one per line, for the folder's image files in sorted order. Decoded with Pillow as RGB, the
-  shorter side resized to 256 (bilinear), the centre 224x224 cropped, normalised with the ImageNet mean and
-  standard deviation.
+  class indices, one per line, for the folder's image files in sorted order. Preprocessed exactly as
+  torchvision's ``Resize(256) + CenterCrop(224) + ToTensor() + Normalize(mean, std)`` on the PIL image that its
+  ``ImageFolder`` loader gives (``Image.open(f).convert('RGB')``): the shorter side to 256 and the longer one to
+  ``int(256 * long / short)`` (truncated), one ``image.resize((w, h), Image.BILINEAR)`` call (Pillow's
+  antialiased bilinear filter, no reducing gap), the crop at ``int(round((h - 224) / 2.0))`` from the top and
+  the same from the left (zero padding where the image is smaller), then ``x / 255``, ``(x - mean) / std`` in
+  float32. Decoding is Pillow's, so the pixels are the reference's bit for bit. Images are decoded by a pool of
+  threads (Pillow releases the GIL while decoding and resizing), a few batches ahead of the model.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import tarfile
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -34,6 +43,11 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm"}
+MAX_CIFAR_BYTES = 128 << 20
+"""The largest CIFAR test pickle read (the real one is 31 MB); a larger file or archive member is refused unread."""
+MAX_IMAGE_PIXELS = 89_478_485
+"""The largest image decoded (Pillow's own decompression-bomb limit, 0.25 GB of 24-bit pixels); the size is read
+from the file's header before any pixel is decoded."""
 
 
 class ImageSet(Protocol):
@@ -82,12 +96,34 @@ def _cifar_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise MicronetError(f"CIFAR-100 test file not found: {path} (give the 'test' file of cifar-100-python)")
     if tarfile.is_tarfile(path):
-        with tarfile.open(path) as archive:
-            member = next((m for m in archive.getmembers() if m.name.endswith("cifar-100-python/test")), None)
-            if member is None or (handle := archive.extractfile(member)) is None:
-                raise MicronetError(f"{path}: the archive has no cifar-100-python/test")
-            return handle.read()
+        return _cifar_member(path)
+    size = path.stat().st_size
+    if size > MAX_CIFAR_BYTES:
+        raise MicronetError(f"{path}: {size:,} bytes is not a CIFAR-100 test file (at most {MAX_CIFAR_BYTES:,})")
     return path.read_bytes()
+
+
+def _cifar_member(path: Path) -> bytes:
+    """The ``cifar-100-python/test`` member of a (compressed) tar archive, read as a stream: members are passed
+    over without being kept, and the wanted one is read only when its size is plausible."""
+    try:
+        with tarfile.open(path, mode="r|*") as archive:
+            for member in archive:
+                if not member.name.endswith("cifar-100-python/test"):
+                    continue
+                if not member.isfile():
+                    raise MicronetError(f"{path}: {member.name} in the archive is not a regular file")
+                if member.size > MAX_CIFAR_BYTES:
+                    raise MicronetError(f"{path}: {member.name} in the archive holds {member.size:,} bytes; a "
+                                        f"CIFAR-100 test file has about 31 MB (at most {MAX_CIFAR_BYTES:,} read)")
+                handle = archive.extractfile(member)
+                data = handle.read(MAX_CIFAR_BYTES + 1) if handle is not None else b""
+                if len(data) != member.size:
+                    raise MicronetError(f"{path}: {member.name} in the archive is truncated")
+                return data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise MicronetError(f"{path}: cannot read the archive ({exc})") from None
+    raise MicronetError(f"{path}: the archive has no cifar-100-python/test")
 
 
 def _as_text_keys(data: dict) -> dict[str, Any]:
@@ -141,21 +177,66 @@ def load_cifar100_test(path: str | Path) -> CifarImages:
 # ImageNet
 
 
+def resized_size(width: int, height: int, short: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``short`` and the longer one ``int(short * long / other)``: the
+    arithmetic of torchvision's ``Resize(int)`` (``_compute_resized_output_size``), truncating, not rounding."""
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
+def centre_crop_offsets(width: int, height: int, crop: int) -> tuple[int, int]:
+    """(left, top) of torchvision's ``CenterCrop``: ``int(round((size - crop) / 2.0))`` (Python's round, half to
+    even) on each axis."""
+    return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
+
+
 def resize_and_crop(image: Image.Image, resize: int = 256, crop: int = 224) -> Tensor:
-    """RGB, shorter side to ``resize`` (bilinear), centre ``crop`` x ``crop``; uint8 (3, crop, crop)."""
+    """torchvision's ``Resize(resize)`` then ``CenterCrop(crop)`` of the image converted to RGB, as uint8
+    ``(3, crop, crop)`` (``ToTensor`` before its division by 255)."""
     image = image.convert("RGB")
+    size = resized_size(*image.size, resize)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
     width, height = image.size
-    scale = resize / min(width, height)
-    size = (max(crop, round(width * scale)), max(crop, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
-    image = image.crop((left, top, left + crop, top + crop))
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    if crop > width or crop > height:  # torchvision pads with zeros, (d // 2, (d + 1) // 2) per axis
+        pad_w, pad_h = max(crop - width, 0), max(crop - height, 0)
+        padded = Image.new("RGB", (width + pad_w, height + pad_h))
+        padded.paste(image, (pad_w // 2, pad_h // 2))
+        image, (width, height) = padded, padded.size
+    left, top = centre_crop_offsets(width, height, crop)
+    if (left, top, width, height) != (0, 0, crop, crop):
+        image = image.crop((left, top, left + crop, top + crop))
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def decode_image(file: Path, resize: int = 256, crop: int = 224) -> Tensor:
+    """One image file, preprocessed by :func:`resize_and_crop`; a file that is not an image, is damaged, or
+    declares more than ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb) is one clear error naming the file."""
+    try:
+        with Image.open(file) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise MicronetError(f"bad image file {file}: {image.width} x {image.height} pixels is more than "
+                                    f"the {MAX_IMAGE_PIXELS:,} decoded (a decompression bomb?)")
+            return resize_and_crop(image, resize, crop)
+    except Image.DecompressionBombError as exc:
+        raise MicronetError(f"bad image file {file}: {exc}") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as exc:
+        raise MicronetError(f"bad image file {file}: {type(exc).__name__}: {exc}") from None
+
+
+def default_workers() -> int:
+    """Decoding threads: one per CPU the process may use, at least 2 (Pillow decodes outside the GIL)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(2, cpus)
 
 
 @dataclass
 class FolderImages:
-    """Image files with labels, decoded and preprocessed per batch."""
+    """Image files with labels, decoded by a pool of threads a few batches ahead and normalised per batch."""
 
     files: list[Path]
     labels: Tensor
@@ -164,22 +245,36 @@ class FolderImages:
     resize: int = 256
     crop: int = 224
     name: str = "ImageNet validation"
+    workers: int | None = None
+    """Decoding threads (None: :func:`default_workers`)."""
+    ahead: int = 2
+    """Batches decoded ahead of the one handed out (bounds the memory: (ahead + 1) batches of images)."""
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _decode(self, file: Path) -> Tensor:
-        try:
-            with Image.open(file) as image:
-                return resize_and_crop(image, self.resize, self.crop)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise MicronetError(f"cannot decode image {file}: {exc}") from None
-
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        for start in range(0, len(self), batch_size):
-            chunk = self.files[start : start + batch_size]
-            images = torch.stack([self._decode(file) for file in chunk])
-            yield normalise(images, self.mean, self.std), self.labels[start : start + batch_size]
+        workers = self.workers or default_workers()
+        starts = range(0, len(self), batch_size)
+        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+            pending: deque = deque()
+            try:
+                for start in starts:
+                    chunk = self.files[start : start + batch_size]
+                    pending.append((start, [pool.submit(decode_image, f, self.resize, self.crop) for f in chunk]))
+                    if len(pending) <= self.ahead:
+                        continue
+                    yield self._batch(*pending.popleft(), batch_size)
+                while pending:
+                    yield self._batch(*pending.popleft(), batch_size)
+            finally:
+                for _, futures in pending:  # stopped early (an error, Ctrl-C): decode nothing more
+                    for future in futures:
+                        future.cancel()
+
+    def _batch(self, start: int, futures: list, batch_size: int) -> tuple[Tensor, Tensor]:
+        images = torch.stack([future.result() for future in futures])
+        return normalise(images, self.mean, self.std), self.labels[start : start + batch_size]
 
 
 def _parse_labels(folder: Path, labels_file: Path) -> tuple[list[Path], list[int]]:
