@@ -12,28 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
-from rich.text import Text
 from torch import nn
 
 from micronet_score.data.images import ImageSet
+from micronet_score.progress import rate_bar
 from micronet_score.ruleset import RuleSet, load_rules
-
-
-class ImagesPerSecond(ProgressColumn):
-    """The evaluation speed in images per second."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} images/s" if speed else "- images/s", style="progress.data.speed")
 
 
 @dataclass(frozen=True)
@@ -111,18 +100,14 @@ def count_top1(
     (None: when stderr is a terminal)."""
     was_training = model.training
     model.eval()
-    show = sys.stderr.isatty() if progress is None else progress
     correct = torch.zeros((), dtype=torch.long, device=device)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
-               TimeElapsedColumn())
     try:
-        with Progress(*columns, console=Console(stderr=True), disable=not show) as bar, torch.no_grad():
-            task = bar.add_task(f"evaluating {images.name}", total=len(images))
+        with rate_bar(len(images), f"evaluating {images.name}", "images", progress) as advance, torch.no_grad():
             for batch, labels in prefetched(images.batches(batch_size)):
                 with counter.measure(samples=len(labels)) if counter is not None else contextlib.nullcontext():
                     logits = model(batch.to(device, non_blocking=True))
                 correct += (logits.argmax(dim=-1) == labels.to(logits.device, non_blocking=True)).sum()
-                bar.advance(task, len(labels))
+                advance(len(labels))
     finally:
         model.train(was_training)
     return int(correct)

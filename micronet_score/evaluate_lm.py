@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from micronet_score.errors import MicronetError
+from micronet_score.progress import rate_bar
 
 DEFAULT_CHUNK = 4032
 """The authors' eval_chunk (42 segments of 96)."""
@@ -122,7 +122,7 @@ def evaluate_stream(
     stream = tokens[: n + 1].to(dev)
     total = 0.0
     start = time.perf_counter()
-    with _progress_bar(progress, split, n) as advance, torch.no_grad():
+    with rate_bar(n, split, "tok", progress) as advance, torch.no_grad():
         state = model.new_stream(dev)
         for begin in range(0, n, chunk):
             end = min(begin + chunk, n)
@@ -163,38 +163,3 @@ def _exp(x: float) -> float:
         return float("inf")
 
 
-@contextlib.contextmanager
-def _progress_bar(show: bool | None, label: str, total: int):
-    """Yields ``advance(n)``; a rich bar with tokens/s and time left when shown."""
-    if show is None:
-        show = sys.stderr.isatty()
-    if not show:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TaskProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class TokensPerSecond(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:,.0f} tok/s")
-
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        MofNCompleteColumn(),
-        TokensPerSecond(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)

@@ -8,7 +8,7 @@ no command sits silent for more than a second on a terminal. Nothing is drawn wh
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -57,3 +57,39 @@ def steps(total: int, show: bool | None = None) -> Iterator[Steps]:
         yield bar
     finally:
         bar.finish()
+
+
+@contextmanager
+def rate_bar(total: int, label: str, unit: str, show: bool | None = None) -> Iterator[Callable[[int], None]]:
+    """Yields ``advance(n)``: a bar over ``total`` units (``"tok"``, ``"images"``, or ``"bytes"``) with the rate and
+    the time left, kept on stderr when done; drawn only when ``show`` (None: when stderr is a terminal)."""
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.0f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
+
+    counted = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (
+        TaskProgressColumn(), MofNCompleteColumn(), Rate())
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), *counted, TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)

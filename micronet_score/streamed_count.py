@@ -23,6 +23,7 @@ from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.representation import Choice, worth_tiling
 from micronet_score.errors import MicronetError
 from micronet_score.options import ruleset
+from micronet_score.progress import rate_bar
 from micronet_score.report import Report
 from micronet_score.ruleset import DEFAULT_RULES
 from micronet_score.sources import huggingface
@@ -31,7 +32,6 @@ from micronet_score.streaming import (
     StoredTensor,
     TensorStats,
     Tilings,
-    byte_progress,
     measure_files,
     memory_budget,
     total_bytes,
@@ -205,7 +205,7 @@ def count_directory(
         # importing transformers and building on meta overlaps reading the files
         building = builder.submit(huggingface.build_model, directory, "meta")
         if files:
-            with byte_progress(total_bytes(files), "measuring weights", progress) as advance:
+            with rate_bar(total_bytes(files), "measuring weights", "bytes", progress) as advance:
 
                 def measured(nbytes: int) -> None:
                     advance(nbytes)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -403,26 +402,3 @@ def memory_budget() -> int:
         return 8 << 30
 
 
-@contextmanager
-def byte_progress(total: int, label: str, show: bool | None = None) -> Iterator[Callable[[int], None]]:
-    """Yields ``advance(nbytes)``: a rich bar over bytes with the rate and time left, on a terminal (stderr)."""
-    if show is None:
-        show = sys.stderr.isatty()
-    if not show:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
