@@ -340,6 +340,16 @@ class CountingMode(TorchDispatchMode):
                         self.watch.discard(key)
                         self.read.add(key)
 
+    def _run_unpriced(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Runs a fused call with the aten ops beneath it unpriced (its caller prices the call as a whole)."""
+        self.quiet += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.quiet -= 1
+        self.facts.dots.clear()
+        return out
+
     def attention(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ...): one price, any kernel."""
         if self.quiet or self.converting or not all(isinstance(t, torch.Tensor) for t in args[:3]):
@@ -349,12 +359,7 @@ class CountingMode(TorchDispatchMode):
             return func(*args, **kwargs)  # priced by the kernel that runs it
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
-        self.quiet += 1
-        try:
-            out = func(*args, **kwargs)
-        finally:
-            self.quiet -= 1
-        self.facts.dots.clear()
+        out = self._run_unpriced(func, args, kwargs)
         self.apply(func, args, attention_charge(q, k, v, mask is not None or bool(causal), self.prices), out)
         return out
 
@@ -368,12 +373,7 @@ class CountingMode(TorchDispatchMode):
         plain = a["bias_k"] is None and not a["add_zero_attn"] and a["static_k"] is None and a["static_v"] is None
         if self.quiet or self.converting or not plain or q.is_nested or q.dim() not in (2, 3):
             return func(*args, **kwargs)
-        self.quiet += 1
-        try:
-            out = func(*args, **kwargs)
-        finally:
-            self.quiet -= 1
-        self.facts.dots.clear()
+        out = self._run_unpriced(func, args, kwargs)
         same = a["query"] is a["key"] and a["key"] is a["value"]
         if q.dim() == 3:  # (length, batch, embed) -> (batch, length, embed): shapes only
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
