@@ -538,6 +538,7 @@ def compare_command(
     model: ModelName = None,
     model_args: ModelArgs = None,
     device: Device = "cpu",
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
     as_json: AsJson = False,
     verbose: Verbose = False,
@@ -562,7 +563,7 @@ def compare_command(
         from micronet_score.plots import image_format
 
         image_format(plot)  # a bad file name fails before any measuring
-    options = _options(rules, track, bits, act_bits, freebie, False)
+    options = _options(rules, track, bits, act_bits, freebie, False, representation)
     reports = {}
     with steps(len(checkpoints), show=_progress(as_json)) as bar:
         for path in checkpoints:
@@ -605,6 +606,7 @@ def report_command(
     model_args: ModelArgs = None,
     device: Device = "cpu",
     strict: Strict = False,
+    representation: RepresentationOption = Stored.auto,
     trust_pickle: TrustPickle = False,
 ) -> None:
     """A self-contained HTML page: the headline (score, storage, operations, quality and verdict), charts of where
@@ -626,7 +628,7 @@ def report_command(
 
         checkpoint, demo_config, demo_data = demo_paths()
         config, data = config or demo_config, data or demo_data
-    options = _options(rules, track, bits, act_bits, freebie, strict)
+    options = _options(rules, track, bits, act_bits, freebie, strict, representation)
     loaded, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
                                        limit_tokens, vocab, labels, None, model_args, inputs)
     report = _assumed_noted(loaded, _declared_widths_checked(loaded, options, report))

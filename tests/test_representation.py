@@ -267,3 +267,9 @@ def test_cli_reports_and_forces_the_representation(cli, tmp_path):
     header, *rows = out.splitlines()
     column = header.split(",").index("representation")
     assert code == 0 and {r.split(",")[0]: r.split(",")[column] for r in rows}["fc"] == "dense"
+    # compare and report take the same flag: the forced mask costs 640/32 - 3 values more (a copy's fc is masked)
+    code, out, err = cli("compare", str(path), str(path), "--json", "--representation", "masked")
+    assert code == 0, err
+    assert json.loads(out)[str(path)]["storage"] == pytest.approx(auto["storage"] + 640 / 32 - 3)
+    code, _, err = cli("report", str(path), "-o", str(tmp_path / "r.html"), "--representation", "masked")
+    assert code == 0 and (tmp_path / "r.html").is_file(), err
