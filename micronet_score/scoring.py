@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from micronet_score.checkpoint import LoadedModel
 from micronet_score.counting import Counter
-from micronet_score.counting.api import training_state_kept
+from micronet_score.counting.api import samples_of, training_state_kept
 from micronet_score.errors import MicronetError
 from micronet_score.options import CountOptions
 from micronet_score.report import Quality, Report
@@ -111,14 +111,6 @@ def _measuring(loaded: LoadedModel, counter: Counter | None, total: float | None
             module.training = training
 
 
-def _samples(first: Any, per: str) -> int:
-    if not isinstance(first, Tensor) or first.dim() == 0:
-        return 1
-    if per == "token" and not first.is_floating_point():
-        return first.numel()
-    return first.shape[0]
-
-
 def measure_example(
     loaded: LoadedModel, options: CountOptions, device: str | torch.device = "cpu", shape_only: bool = False,
     inputs: Sequence[str] | None = None,
@@ -132,7 +124,7 @@ def measure_example(
     inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs)
     counter = make_counter(loaded, options)
     loaded.model.to(device)
-    samples = _samples(inputs[0] if inputs else None, counter.per)
+    samples = samples_of(inputs, {}, counter.per, None)
     with _measuring(loaded, counter), torch.no_grad():
         if shape_only:
             counter.count_shapes(*inputs, samples=samples)

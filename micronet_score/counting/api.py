@@ -182,7 +182,7 @@ class Counter:
         forward that depends on values), in eval mode under no_grad, its buffers and random state restored.
         ``training=True`` counts the training-mode graph instead (batch statistics, dropout); the report says so."""
         measured = Measured()
-        samples = samples if samples is not None else _samples_of(inputs, forward_kwargs, self.per, sample_dim)
+        samples = samples if samples is not None else samples_of(inputs, forward_kwargs, self.per, sample_dim)
         if shape_only:
             with _random_state_kept():
                 self._shape_pass(inputs, forward_kwargs, samples, None, measured, inference=not training)
@@ -257,7 +257,7 @@ class Counter:
         training: set[str],
     ) -> None:
         if samples is None:
-            samples = _samples_of((mode.first_input_seen,), {}, self.per, sample_dim)
+            samples = samples_of((mode.first_input_seen,), {}, self.per, sample_dim)
         if self.strict and mode.tally.uncounted:
             raise MicronetError(
                 f"strict mode: ops without a price in rule set {self.rules.name}: {_describe(mode.tally.uncounted)}"
@@ -310,7 +310,7 @@ class Counter:
         )
 
 
-def _samples_of(inputs: tuple, forward_kwargs: Mapping[str, Any], per: str, sample_dim: int | None) -> float:
+def samples_of(inputs: tuple, forward_kwargs: Mapping[str, Any], per: str, sample_dim: int | None) -> float:
     """Samples a forward covers, from its first input (the first positional argument, else the first tensor
     among keyword arguments): on a language track every token position of integer token ids, else the size
     along ``sample_dim`` (default 0; a 0-d input is one sample). Where it cannot tell: MicronetError naming
@@ -472,7 +472,7 @@ def count(
     if samples is None:  # one inference for both backends: tokens on a language track
         rule_set, track = options.ruleset(), options.track_name()
         per = rule_set.tracks[track].per if track else "sample"
-        samples = _samples_of(example_inputs, forward_kwargs, per, sample_dim)
+        samples = samples_of(example_inputs, forward_kwargs, per, sample_dim)
     if backend == "fvcore":
         if shape_only:
             raise MicronetError("shape_only counts with the dispatch backend, not fvcore")
