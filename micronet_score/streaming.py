@@ -3,7 +3,7 @@ from its files, never loaded whole.
 
 Each tensor is read once, in order of its bytes in its shard, a chunk at a time into one of two reused buffers (a
 background thread reads the next chunk while this one is counted), and measured by the same functions as a
-tensor in memory: nonzeros (``storage.count_nonzero``), block sparsity (``blocks.tile`` per candidate shape, chunks
+tensor in memory: nonzeros (``storage.count_nonzero``), block sparsity (``blocks.candidates``, chunks
 of whole block rows, combined exactly), and the uniform grid of its values per tensor and per row
 (``grid.measure`` / ``grid.measure_rows``). A tensor's values lie on no grid as soon as those of one chunk do, so
 the grid is followed only while it may exist, and block shapes only while every zero so far lies in an all-zero

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 CANDIDATES: tuple[tuple[int, int], ...] = (
     (16, 16),
@@ -42,73 +42,91 @@ class Blocks:
     """every zero of the tensor lies in an all-zero block"""
 
 
-def nonzero_matrix(values: torch.Tensor) -> torch.Tensor:
-    """The tensor's nonzero pattern as a float matrix (dim 0 by the rest), the input of :func:`tile`."""
+def nonzero_pattern(values: torch.Tensor, multiple: tuple[int, int] = (1, 1)) -> tuple[np.ndarray, int, int]:
+    """(pattern, rows, cols): the tensor viewed as a matrix (dim 0 by the rest), one byte per element, 1 where it is
+    nonzero (-0.0 is zero, NaN nonzero), zero-padded to multiples of ``multiple`` rows and columns."""
     matrix = values.detach().reshape(values.shape[0] if values.dim() > 1 else 1, -1)
     if matrix.is_quantized:
         matrix = matrix.dequantize()
-    return (matrix != 0).float()
+    rows, cols = matrix.shape
+    a, b = multiple
+    pattern = np.zeros((rows + -rows % a, cols + -cols % b), dtype=np.bool_)
+    bits = integer_bits(matrix.contiguous())
+    if bits is None:
+        pattern[:rows, :cols] = (matrix != 0).cpu().numpy()
+    else:
+        view, shift = bits
+        step = max(1, PASS_ELEMENTS // max(1, cols))
+        for start in range(0, rows, step):  # a band of rows at a time: the shifted copy stays in cache
+            band = view[start : start + step]
+            np.not_equal(band << 1 if shift else band, 0, out=pattern[start : start + len(band), :cols])
+    return pattern.view(np.uint8), rows, cols
 
 
-def tile(values: torch.Tensor, shape: tuple[int, int], pattern: torch.Tensor | None = None) -> Blocks:
-    """The blocks of this shape over a tensor viewed as (dim 0, rest); ``pattern``: its :func:`nonzero_matrix`,
-    when already made."""
+PASS_ELEMENTS = 1 << 16
+"""Elements compared per pass of :func:`nonzero_pattern`."""
+
+
+def integer_bits(matrix: torch.Tensor) -> tuple[np.ndarray, bool] | None:
+    """The tensor's bits as a numpy integer array and whether a shift left by one tells its zeros (floats: the
+    sign of -0.0 shifted out), or None where no such view exists (another dtype or device)."""
+    from micronet_score.counting.storage import _BITS, _on_bits  # storage imports this module
+
+    if not _on_bits(matrix):
+        return None
+    view, shift = _BITS[matrix.dtype]
+    return matrix.view(view).numpy(), bool(shift)
+
+
+def _summary(shape: tuple[int, int], occupied: np.ndarray, rows: int, cols: int, nonzeros: int) -> Blocks:
+    """The tiling of a rows x cols matrix by blocks of ``shape`` from one entry per block (nonzero: the block holds
+    a nonzero; the grid may go on past the matrix with zeros). The last block row and column may be short."""
     a, b = shape
-    nonzero = nonzero_matrix(values) if pattern is None else pattern
-    rows, cols = nonzero.shape
-    pad = (0, -cols % b, 0, -rows % a)
+    across, down = -(-rows // a), -(-cols // b)
+    kept = int(np.count_nonzero(occupied))
+    short_rows, short_cols = a * across - rows, b * down - cols
+    kept_elements = kept * a * b
+    if kept and short_rows:
+        kept_elements -= short_rows * b * int(np.count_nonzero(occupied[across - 1, :down]))
+    if kept and short_cols:
+        kept_elements -= a * short_cols * int(np.count_nonzero(occupied[:across, down - 1]))
+    if kept and short_rows and short_cols and occupied[across - 1, down - 1]:
+        kept_elements += short_rows * short_cols
+    return Blocks(shape, across * down, kept, kept_elements, kept_elements == nonzeros)
 
-    def per_block(x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, pad)
-        return x.reshape(x.shape[0] // a, a, x.shape[1] // b, b).sum(dim=(1, 3))
 
-    counts = per_block(nonzero)
-    kept = counts > 0
-    sizes = per_block(torch.ones_like(nonzero)) if any(pad) else None
-    kept_elements = int(sizes[kept].sum()) if sizes is not None else int(kept.sum()) * a * b
-    return Blocks(shape, counts.numel(), int(kept.sum()), kept_elements, kept_elements == int(counts.sum()))
+def tile(values: torch.Tensor, shape: tuple[int, int]) -> Blocks:
+    """The blocks of this shape over a tensor viewed as (dim 0, rest)."""
+    a, b = shape
+    pattern, rows, cols = nonzero_pattern(values, shape)
+    occupied = pattern.reshape(pattern.shape[0] // a, a, pattern.shape[1] // b, b).any(axis=(1, 3))
+    return _summary(shape, occupied, rows, cols, int(np.count_nonzero(pattern)))
+
+
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def candidates(values: torch.Tensor) -> list[Blocks]:
     """Every candidate block shape over the tensor, in :data:`CANDIDATES` order.
 
-    One pass builds the nonzero pattern padded to multiples of 16; the counts per 2x2, 4x1 and 1x4 block are
-    summed from it, and every larger candidate from a smaller one (4x4 from 2x2, 8x1 from 4x1, ...), so a large
-    tensor is read three times, not once per shape. Padding holds no nonzeros; block sizes count real elements."""
-    matrix = values.detach().reshape(values.shape[0] if values.dim() > 1 else 1, -1)
-    if matrix.is_quantized:
-        matrix = matrix.dequantize()
-    rows, cols = matrix.shape
-    pattern = torch.zeros(rows + (-rows % 16), cols + (-cols % 16), dtype=torch.uint8)
-    pattern[:rows, :cols] = matrix != 0
+    A block holds a nonzero when any byte of the tensor's nonzero pattern (padded to multiples of 16) under it is
+    1, and "any" composes: the pattern of a x 1 blocks is the bytewise OR of pairs of rows of the (a/2) x 1 one, 8
+    bytes per operation, and b neighbouring bytes of a row, read as one b-byte word, are nonzero exactly when one of
+    them is. So the tensor is compared with zero once and every tiling follows from a few passes over bytes."""
+    pattern, rows, cols = nonzero_pattern(values, (16, 16))
+    nonzeros = int(np.count_nonzero(pattern))
+    tall = {1: pattern}  # height -> one byte per (height x 1) block, 1 where it holds a nonzero
+    for height in (2, 4, 8, 16):
+        words = tall[height // 2].view(np.uint64)
+        tall[height] = (words[0::2] | words[1::2]).view(np.uint8)
 
-    def pool(counts: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """Sums of a x b blocks, as a*b strided slices added (ten times faster than a strided reduction)."""
-        total = counts[0::a, 0::b].to(torch.int16, copy=True)  # at most 256 nonzeros in a block
-        for i in range(a):
-            for j in range(b):
-                if i or j:
-                    total += counts[i::a, j::b]
-        return total
+    def occupied(a: int, b: int) -> np.ndarray:
+        if b == 16:
+            words = tall[a].view(np.uint64)
+            return words[:, 0::2] | words[:, 1::2]
+        return tall[a].view(_WORDS[b])
 
-    counts = {(2, 2): pool(pattern, 2, 2), (4, 1): pool(pattern, 4, 1), (1, 4): pool(pattern, 1, 4)}
-    for (a, b), (sa, sb), (fa, fb) in (
-        ((4, 4), (2, 2), (2, 2)), ((8, 8), (4, 4), (2, 2)), ((16, 16), (8, 8), (2, 2)),
-        ((8, 1), (4, 1), (2, 1)), ((16, 1), (8, 1), (2, 1)),
-        ((1, 8), (1, 4), (1, 2)), ((1, 16), (1, 8), (1, 2)),
-    ):
-        counts[(a, b)] = pool(counts[(sa, sb)], fa, fb)
-    found = []
-    for a, b in CANDIDATES:
-        grid = counts[(a, b)][: -(-rows // a), : -(-cols // b)]
-        kept = grid > 0
-        heights = torch.full((grid.shape[0],), a, dtype=torch.int64)
-        heights[-1] = rows - a * (grid.shape[0] - 1)
-        widths = torch.full((grid.shape[1],), b, dtype=torch.int64)
-        widths[-1] = cols - b * (grid.shape[1] - 1)
-        kept_elements = int((kept * heights[:, None] * widths[None, :]).sum())
-        found.append(Blocks((a, b), grid.numel(), int(kept.sum()), kept_elements, kept_elements == int(grid.sum())))
-    return found
+    return [_summary((a, b), occupied(a, b), rows, cols, nonzeros) for a, b in CANDIDATES]
 
 
 def detect(values: torch.Tensor) -> Blocks | None:
