@@ -2,12 +2,14 @@
 from its files, never loaded whole.
 
 Each tensor is read once, in order of its bytes in its shard, a chunk at a time into one of two reused buffers (a
-background thread reads the next chunk while this one is counted), and measured by the same functions as a
-tensor in memory: nonzeros (``storage.count_nonzero``), block sparsity (``blocks.candidates``, chunks
-of whole block rows, combined exactly), and the uniform grid of its values per tensor and per row
-(``grid.measure`` / ``grid.measure_rows``). A tensor's values lie on no grid as soon as those of one chunk do, so
-the grid is followed only while it may exist, and block shapes only while every zero so far lies in an all-zero
-block: for unstructured weights both questions end with the first chunk (16 rows), and the rest costs one pass.
+background thread reads the next chunk while this one is counted, and asks the kernel to read the following
+``READ_AHEAD_BYTES`` into its page cache meanwhile), and measured by the same functions as a tensor in memory:
+nonzeros (``storage.count_nonzero``), block sparsity (``blocks.candidates``, chunks of whole block rows, combined
+exactly), and the uniform grid of its values per tensor and per row (``grid.measure`` / ``grid.measure_rows``). A
+tensor's values lie on no grid as soon as those of one chunk do, so the grid is followed only while it may exist
+(for unstructured weights the first row ends it), and a block shape only while it may still be chosen (with a rule
+set, see ``Tilings``: for 50% unstructured sparsity a few hundred rows end every shape); the rest costs one pass
+that counts nonzeros.
 
 Peak memory: two chunks plus the temporaries of measuring one (``chunk_bytes`` each, 64 MiB by default).
 """
@@ -330,6 +332,8 @@ def measure_files(
         ThreadPoolExecutor(1, thread_name_prefix="micronet-read") as reader,
     ):
 
+        ahead = _ReadAhead(plan, handles)
+
         def read(i: int):
             tensor, offset, nbytes, _ = plan[i]
             view = memoryview(buffers[i % 2])[:nbytes]
@@ -343,6 +347,7 @@ def measure_files(
         for i, (tensor, _, nbytes, shape) in enumerate(plan):
             view = pending.result()
             pending = reader.submit(read, i + 1) if i + 1 < len(plan) else None
+            reader.submit(ahead.advise, i + 2)  # after that read: its chunk is returned first
             if current is None or current.tensor is not tensor:
                 if current is not None:
                     stats[current.tensor.name] = current.finish()
@@ -357,6 +362,45 @@ def measure_files(
         if tensor.name not in stats:
             stats[tensor.name] = _Measuring(tensor, tilings).finish()
     return stats
+
+
+READ_AHEAD_BYTES = 1 << 30
+"""Bytes of the following chunks the kernel is asked to read into its page cache (not this process's memory)."""
+
+ADVISE_BYTES = 2 << 20
+"""Bytes announced per call."""
+
+
+class _ReadAhead:
+    """Keeps the disk busy while a chunk waits to be measured (the reader thread reads only one chunk ahead, and
+    the measuring can stall, e.g. on the interpreter lock while another thread imports transformers): the next
+    READ_AHEAD_BYTES of the plan are announced to the kernel (``posix_fadvise(WILLNEED)``, where it exists)."""
+
+    def __init__(self, plan: list[tuple[StoredTensor, int, int, tuple[int, ...]]], handles: dict) -> None:
+        self.plan, self.handles = plan, handles
+        self.before = [0]
+        """bytes of the plan before each entry"""
+        for _, _, nbytes, _ in plan:
+            self.before.append(self.before[-1] + nbytes)
+        self.next = 0
+        """first entry not announced yet"""
+        self.enabled = hasattr(os, "posix_fadvise")
+
+    def advise(self, start: int) -> None:
+        """Announce the entries from ``start`` on, up to READ_AHEAD_BYTES past it."""
+        if start >= len(self.plan):
+            return
+        self.next = max(self.next, start)
+        end = self.before[start] + READ_AHEAD_BYTES
+        while self.enabled and self.next < len(self.plan) and self.before[self.next] < end:
+            tensor, offset, nbytes, _ = self.plan[self.next]
+            self.next += 1
+            fd = self.handles[tensor.file].fileno()
+            try:  # in pieces: Linux reads at most its read-ahead size (often 128 KiB to 8 MiB) per call
+                for start in range(offset, offset + nbytes, ADVISE_BYTES):
+                    os.posix_fadvise(fd, start, min(ADVISE_BYTES, offset + nbytes - start), os.POSIX_FADV_WILLNEED)
+            except OSError:
+                self.enabled = False  # a file system without it: the reads still come, one chunk ahead
 
 
 @contextmanager
