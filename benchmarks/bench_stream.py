@@ -19,6 +19,7 @@ The values are a pool of random chunks written in rotation (every tensor 50% zer
 14 GB of fresh random numbers would take minutes and measure nothing more). Usage::
 
     .venv/bin/python benchmarks/bench_stream.py [--model 7b|1b|tiny] [--dir /tmp] [--skip-big] [--skip-memory]
+    .venv/bin/python benchmarks/bench_stream.py --measure-proxy   # seconds: one 4096x11008 weight's measurement
 """
 
 from __future__ import annotations
@@ -244,6 +245,42 @@ print(json.dumps({{k: statistics.median(v) for k, v in times.items()}}))
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def bench_measure_proxy(base: Path, rounds: int = 5) -> dict:
+    """The storage measurement of one Llama-2-7B MLP weight (4096 x 11008, bf16, 50% unstructured zeros), warm, in
+    this process: every candidate block tiling of the whole tensor (``blocks.candidates``, as the in-memory count
+    and audit take it), and ``measure_files`` of a file holding only it, with the streamed count's tiling rule
+    (best of ``rounds``, MB/s of bf16 values)."""
+    from micronet_score.counting.blocks import candidates
+    from micronet_score.streaming import measure_files
+    from micronet_score.streamed_count import _tilings
+
+    g = torch.Generator().manual_seed(0)
+    values = (torch.randn(4096, 11008, generator=g) * 0.02).to(torch.bfloat16)
+    values[values == 0] = 1e-3
+    values[torch.rand(4096, 11008, generator=g) < 0.5] = 0
+    mb = values.numel() * values.element_size() / 1e6
+    directory = Path(tempfile.mkdtemp(prefix="micronet-measure-", dir=base))
+    try:
+        from safetensors.torch import save_file
+
+        save_file({"model.layers.0.mlp.down_proj.weight": values}, directory / "model.safetensors")
+        rule = _tilings(CONFIGS["7b"], {})
+        files = [directory / "model.safetensors"]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as measure_files runs
+        times: dict[str, list[float]] = {"candidates": [], "measure_files": []}
+        for _ in range(rounds):
+            for key, fn in (("candidates", lambda: candidates(values)),
+                            ("measure_files", lambda: measure_files(files, tilings=rule))):
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+        torch.set_num_threads(threads)
+        return {"tensor_mb": mb, **{f"{k}_mb_s": mb / min(v) for k, v in times.items()}}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["7b", "1b", "tiny"], default="7b")
@@ -251,13 +288,17 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--measure-proxy", action="store_true",
+                        help="only the storage measurement of one 4096x11008 weight (seconds, no big files)")
     args = parser.parse_args()
     out = HERE / "results" / "stream.json"
     results: dict = json.loads(out.read_text()) if out.is_file() else {}  # sections skipped now keep their last run
     sections = {"shape_only_70b": lambda: bench_shape_only(args.dir)}
-    if not args.skip_memory:
+    if args.measure_proxy:
+        sections = {"measure_proxy": lambda: bench_measure_proxy(args.dir)}
+    elif not args.skip_memory:
         sections["in_memory"] = lambda: bench_memory(args.memory_model, args.dir)
-    if not args.skip_big:
+    if not (args.skip_big or args.measure_proxy):
         sections["streamed"] = lambda: bench_big(args.model, args.dir)
     for key, section in sections.items():
         load = os.getloadavg()[0]

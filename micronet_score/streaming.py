@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from micronet_score.counting.blocks import CANDIDATES, Blocks, candidates
@@ -323,7 +324,7 @@ def measure_files(
         raise MicronetError(f"tensor(s) stored in more than one shard: {', '.join(twice[:5])}")
     plan = [(t, *chunk) for t in tensors for chunk in _chunks(t, chunk_bytes)]
     largest = max((nbytes for _, _, nbytes, _ in plan), default=0)
-    buffers = [bytearray(largest), bytearray(largest)]
+    buffers = [np.empty(largest, dtype=np.uint8) for _ in range(2)]  # not zero-filled: every byte used is read
     stats: dict[str, TensorStats] = {}
     current: _Measuring | None = None
     with (
