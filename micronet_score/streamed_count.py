@@ -9,6 +9,7 @@ no weight files (``config.json`` alone) every tensor counts dense at the configu
 
 from __future__ import annotations
 
+import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,9 +90,12 @@ def _tilings(config: dict, counter_options: dict) -> Tilings:
     configured = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
     dtypes = {configured} if isinstance(configured, torch.dtype) else set()
 
+    @functools.cache
+    def native(dtype: torch.dtype) -> int | None:
+        return native_bits(torch.empty(0, dtype=dtype, device="meta"))
+
     def width(tensor: StoredTensor) -> int:
-        widths = [policy.stored([tensor.name], p, native_bits(torch.empty(0, dtype=d, device="meta")))
-                  for p in (True, False) for d in dtypes | {tensor.dtype}]
+        widths = [policy.stored([tensor.name], p, native(d)) for p in (True, False) for d in dtypes | {tensor.dtype}]
         declared = policy.declared([tensor.name], True)
         widths.append(declared if declared is not None else dtype_bits(tensor.dtype))
         return min(widths)
