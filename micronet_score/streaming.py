@@ -175,7 +175,7 @@ class _Measuring:
     blocks: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     """candidate shape -> [blocks, kept, kept elements] so far"""
     dense_rows: list[int] = field(default_factory=list)
-    """row counts of chunks without zeros (their blocks are all kept: tiled only if the tensor has zeros)"""
+    """row counts of slices without zeros (their blocks are all kept: tiled only if the tensor has zeros)"""
     _tiled_nonzeros: int = 0
     """nonzeros of the slices tiled so far"""
 
@@ -188,23 +188,25 @@ class _Measuring:
 
     def add(self, values: torch.Tensor) -> None:
         """A chunk: whole rows of the tensor viewed as (dim 0, rest), or a flat run of a 1-d tensor."""
-        nonzeros, _ = count_nonzero(values)
-        self.nonzeros += nonzeros
-        dense = nonzeros == values.numel()
-        if self.blocks and dense:
-            self.dense_rows.append(values.shape[0])
-
         self._falsify(values)
+        counted = 0
         for part in _slices(values):  # the measures below make float64 and float copies: a slice at a time
+            if not (self.on_grid or self.row_bits is not None or self.blocks):
+                break
+            nonzeros, _ = count_nonzero(part)
+            self.nonzeros += nonzeros
+            counted += len(part)
             if self.on_grid:
                 self._grid(part)
             if self.row_bits is not None:
                 bits, _ = measure_rows(part)
                 self.row_bits = None if bits is None else max(self.row_bits, bits)
-            if self.blocks and not dense:
-                self._tile(part)
-            elif not (self.on_grid or self.row_bits is not None):
-                break
+            if self.blocks and nonzeros == part.numel():
+                self.dense_rows.append(len(part))
+            elif self.blocks:
+                self._tile(part, nonzeros)
+        if counted < len(values):  # nothing but nonzeros left to measure: the rest of the chunk in one count
+            self.nonzeros += count_nonzero(values[counted:])[0]
 
     def _falsify(self, values: torch.Tensor) -> None:
         """Answer "no" cheaply where a small part of the chunk does: the first row on no grid (then the tensor, and
@@ -222,8 +224,8 @@ class _Measuring:
         if self.unique.numel() > MAX_LEVELS or (self.unique.numel() > 1 and measure(self.unique).bits is None):
             self.on_grid = False  # a superset of values on no grid lies on none either
 
-    def _tile(self, values: torch.Tensor) -> None:
-        self._tiled_nonzeros += count_nonzero(values)[0]
+    def _tile(self, values: torch.Tensor, nonzeros: int) -> None:
+        self._tiled_nonzeros += nonzeros
         for part in candidates(values):  # whole 16-row block rows: the counts of the chunks add up
             if part.shape in self.blocks:
                 _accumulate(self.blocks[part.shape], part)
@@ -242,7 +244,7 @@ class _Measuring:
         tilings = []
         if self.blocks and self.nonzeros < t.numel:
             cols = t.numel // t.shape[0] if t.shape[0] else 0
-            for rows in self.dense_rows:  # chunks without zeros: every block kept
+            for rows in self.dense_rows:  # slices without zeros: every block kept
                 full, rest = divmod(rows, PROBE_ROWS)
                 for height, times in ((PROBE_ROWS, full), (rest, 1)):
                     if height and times:
