@@ -1,5 +1,6 @@
-"""The streamed reading's read-ahead: every byte after the first two chunks is announced to the kernel once, in
-small pieces, a bounded window ahead of the reads; a file system that refuses the advice changes nothing."""
+"""The streamed reading: every byte after the first two chunks is announced to the kernel once (read-ahead), in
+small pieces, a bounded window ahead of the reads; a file system that refuses the advice changes nothing; rows
+without zeros between rows with zeros tile as in memory."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ pytest.importorskip("safetensors")
 from safetensors.torch import save_file
 
 from micronet_score import streaming
+from micronet_score.counting.blocks import candidates
 from micronet_score.streaming import measure_files, read_header
 
 
@@ -89,3 +91,18 @@ def test_a_file_system_without_read_ahead_counts_the_same(tmp_path, monkeypatch)
 
     monkeypatch.setattr(os, "posix_fadvise", refuse)
     assert _summary(measure_files(files, chunk_bytes=2560)) == reference
+
+
+@pytest.mark.parametrize("chunk_bytes", [64 * 20 * 4, 1 << 20])
+def test_dense_slices_between_sparse_ones_tile_as_the_whole_tensor(tmp_path, monkeypatch, chunk_bytes):
+    """Rows without zeros between rows with zeros (and a short last block row): the streamed tilings, slice by
+    slice, equal the candidates of the whole tensor in memory, whether the dense rows fill a chunk or a slice."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(150, 20, generator=g) + 10  # no zeros
+    weight[:32][torch.rand(32, 20, generator=g) < 0.3] = 0
+    weight[96:][torch.rand(54, 20, generator=g) < 0.3] = 0
+    save_file({"w": weight}, tmp_path / "w.safetensors")
+    monkeypatch.setattr(streaming, "MEASURE_ELEMENTS", 16 * 20)  # slices of 16 rows
+    stats = measure_files([tmp_path / "w.safetensors"], chunk_bytes=chunk_bytes)["w"]
+    assert stats.nonzeros == int(torch.count_nonzero(weight))
+    assert stats.tilings == candidates(weight)
