@@ -477,11 +477,12 @@ class CountingMode(TorchDispatchMode):
         """Charge a bill: mults and others at the largest operand width (operands: tensors, or known widths as
         ints), adds at the accumulator width. A negative count is a bug: it stops the count, naming op and
         module."""
-        if self._fixed is not None:
+        if self._fixed is not None:  # the freebie: fixed widths, refused where an operand is quantized below them
             mult_bits, other_bits = self._fixed
             for t in operands:
                 if isinstance(t, torch.Tensor):
-                    self.width(t)
+                    self.policy.check_freebie(self.width(t), f"an operand of {func.namespace}."
+                                              f"{func.overloadpacket.__name__} (dtype {t.dtype})")
         else:
             widest = None  # max(widths, default=activation), without a generator on every op
             for t in operands:
