@@ -36,6 +36,8 @@ class BitPolicy:
     act_bits: int | None = None
     weight_bits: Mapping[str, int] = field(default_factory=dict)
     freebie: bool = False
+    unquantized: frozenset[str] = frozenset()
+    """parameters the model declares unquantized (:mod:`micronet_score.hints`): ``bits`` does not cover them"""
 
     def __post_init__(self) -> None:
         declared = {"bits": self.bits, "act_bits": self.act_bits}
@@ -66,7 +68,9 @@ class BitPolicy:
         for name in names:
             if name in self.weight_bits:
                 return self.weight_bits[name]
-        return self.bits if is_parameter else None
+        if not is_parameter or any(name in self.unquantized for name in names):
+            return None
+        return self.bits
 
     def activation_of(self, dtype: torch.dtype) -> int:
         """Width of an activation nobody marked: the declared activation width, else its dtype's (fp16: 16,
