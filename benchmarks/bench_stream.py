@@ -250,9 +250,11 @@ def bench_measure_proxy(base: Path, rounds: int = 5) -> dict:
     this process: every candidate block tiling of the whole tensor (``blocks.candidates``, as the in-memory count
     and audit take it), and ``measure_files`` of a file holding only it, with the streamed count's tiling rule
     (best of ``rounds``, MB/s of bf16 values)."""
+    from safetensors.torch import save_file
+
     from micronet_score.counting.blocks import candidates
-    from micronet_score.streaming import measure_files
     from micronet_score.streamed_count import _tilings
+    from micronet_score.streaming import measure_files
 
     g = torch.Generator().manual_seed(0)
     values = (torch.randn(4096, 11008, generator=g) * 0.02).to(torch.bfloat16)
@@ -261,8 +263,6 @@ def bench_measure_proxy(base: Path, rounds: int = 5) -> dict:
     mb = values.numel() * values.element_size() / 1e6
     directory = Path(tempfile.mkdtemp(prefix="micronet-measure-", dir=base))
     try:
-        from safetensors.torch import save_file
-
         save_file({"model.layers.0.mlp.down_proj.weight": values}, directory / "model.safetensors")
         rule = _tilings(CONFIGS["7b"], {})
         files = [directory / "model.safetensors"]
