@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from micronet_score.counting import layouts
 from micronet_score.counting.storage import Pruned, Walk, WeightTable, storage_key
 from micronet_score.errors import MicronetError
 
@@ -209,21 +210,29 @@ META_FALLBACKS = {
 
 
 # --- fast meta outputs -------------------------------------------------------------------------------------
-# torch's meta kernels for batch norm and activations run its Python reference implementations (0.3 to 0.9 ms
-# an op, more than the real CPU op on small inputs). For these ops the output is exactly an empty tensor like
-# the input, so shape-only counting makes it directly; any case not listed exactly falls back to torch (None).
+# torch's meta kernels for elementwise ops, cat, batch norm and activations run its Python reference
+# implementations (0.1 to 0.9 ms an op, more than the real CPU op on small inputs, and most of a large model's
+# shape-only forward). For the cases below the output's sizes, strides and dtype are made directly, exactly as
+# torch's meta kernel makes them (tests/test_meta_layouts.py sweeps layouts against it); any other case falls
+# back to torch (None).
+
+
+def _plain(x: Any) -> bool:
+    """A tensor whose strides are exactly the contiguous strides of its sizes (size-1 dims included): every
+    kernel's output like it is laid out the same."""
+    return isinstance(x, torch.Tensor) and x.is_contiguous() and x.stride() == layouts.contiguous(tuple(x.shape))
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:
-    """torch.empty_like (itself a Python reference on meta, ~20 us) for contiguous tensors, in ~1 us."""
-    if x.is_contiguous():
-        return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
-    return torch.empty_like(x)
+    """torch.empty_like of a _plain tensor (itself a Python reference on meta, ~20 us), in ~1 us."""
+    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
 
 
-def _like_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+def _activation(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """An activation of a _plain tensor (torch's meta kernels for activations differ from one another on other
+    layouts)."""
     x = args[0]
-    return _like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+    return _like(x) if _plain(x) and x.is_floating_point() else None
 
 
 def _in_place(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -232,7 +241,7 @@ def _in_place(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def _batch_norm_outputs(x: Any, weight: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() < 2:
+    if not _plain(x) or x.dtype != torch.float32 or x.dim() < 2:
         return None
     if weight is not None and (not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32):
         return None
@@ -248,32 +257,96 @@ def _batch_norm_no_training(args: tuple, kwargs: dict) -> tuple | None:
     return _batch_norm_outputs(args[0], args[1]) if len(args) >= 7 and not kwargs else None
 
 
+def _elementwise(tensors: list[torch.Tensor], dtype: torch.dtype, opmath: bool = True) -> torch.Tensor | None:
+    """The output of an elementwise op of these tensors (on one device) at ``dtype``, laid out as torch's meta
+    kernels lay it out (counting.layouts), or None for torch to make it. ``opmath``: the op computes in
+    layouts.computation_dtype (inputs of another dtype are converted first); else its inputs are taken as
+    they are."""
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        return None
+    compute = layouts.computation_dtype(dtype) if opmath else None
+    layout = layouts.elementwise([(tuple(t.shape), t.stride(), opmath and t.dtype != compute) for t in tensors])
+    if layout is None:
+        return None
+    return torch.empty_strided(layout[0], layout[1], dtype=dtype, device=device)
+
+
 def _pointwise(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """Floating elementwise arithmetic of row-major tensors on one device (and numbers): the broadcast shape at
-    the promoted dtype (torch.result_type), contiguous, as torch's kernels make it for such inputs."""
-    if len(args) > 2 or set(kwargs) - {"alpha"}:
+    """Floating elementwise arithmetic of tensors of any layout (and numbers): the broadcast shape at the promoted
+    dtype (torch.result_type)."""
+    if len(args) > 2 or set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1:
         return None
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if not tensors or any(isinstance(a, bool) or not isinstance(a, (torch.Tensor, int, float)) for a in args):
         return None
-    device = tensors[0].device
-    if any(not t.is_floating_point() or not _row_major(t) or t.device != device for t in tensors):
+    if any(not t.is_floating_point() for t in tensors):
         return None
     dtype = torch.result_type(args[0], args[1]) if len(args) == 2 else tensors[0].dtype
-    return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device=device)
+    return _elementwise(tensors, dtype)
+
+
+def _power(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """pow(x, exponent) of a floating tensor: x ** 1 is a copy of x (its layout kept), any other exponent an
+    elementwise op."""
+    if kwargs or len(args) != 2 or isinstance(args[1], bool) or not isinstance(args[1], (int, float)):
+        return None
+    if args[1] == 1:
+        return _copy((args[0],), {})
+    return _pointwise(args, kwargs)
+
+
+def _copy(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """clone(x, memory_format) and _to_copy(x, dtype=...) on x's device, of a non-empty strided tensor: dense
+    strides kept, others laid out densely in x's order; or the memory format asked for."""
+    x = args[0] if len(args) == 1 else None
+    if not isinstance(x, torch.Tensor) or x.layout != torch.strided or x.numel() == 0:
+        return None
+    if set(kwargs) - {"dtype", "layout", "device", "pin_memory", "non_blocking", "memory_format"}:
+        return None
+    if kwargs.get("layout") not in (None, torch.strided) or kwargs.get("pin_memory"):
+        return None
+    if kwargs.get("device") is not None and torch.device(kwargs["device"]) != x.device:
+        return None
+    sizes, strides = tuple(x.shape), x.stride()
+    memory_format = kwargs.get("memory_format")
+    if memory_format in (None, torch.preserve_format):
+        strides = layouts.preserved(sizes, strides)
+    elif memory_format == torch.contiguous_format:
+        strides = layouts.contiguous(sizes)
+    else:
+        return None
+    dtype = kwargs.get("dtype") or x.dtype
+    return torch.empty_strided(sizes, strides, dtype=dtype, device=x.device)
+
+
+def _unsafe_view(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """_unsafe_view(x, sizes) of a contiguous tensor (one size may be -1): contiguous in the new sizes."""
+    if kwargs or len(args) != 2:
+        return None
+    x, sizes = args
+    if not isinstance(x, torch.Tensor) or not x.is_contiguous() or x.numel() < 2:
+        return None
+    sizes = list(sizes)
+    if sizes.count(-1) == 1:
+        known = 1
+        for n in sizes:
+            known *= n if n != -1 else 1
+        if known <= 0 or x.numel() % known:
+            return None
+        sizes[sizes.index(-1)] = x.numel() // known
+    numel = 1
+    for n in sizes:
+        numel *= n
+    if numel != x.numel() or any(n < 0 for n in sizes):
+        return None
+    return torch.empty_strided(sizes, layouts.contiguous(tuple(sizes)), dtype=x.dtype, device=x.device)
 
 
 def _triangle(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """tril(x, diagonal) of a contiguous tensor: like its input, whatever its dtype."""
     x = args[0]
-    return _like(x) if isinstance(x, torch.Tensor) and x.is_contiguous() and x.dim() >= 2 else None
-
-
-def _row_major(t: torch.Tensor) -> bool:
-    """Strides that do not grow along the dims (contiguous, or a slice of a contiguous tensor): torch lays the
-    output of elementwise ops on such inputs out contiguously."""
-    strides = [st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1]
-    return all(a >= b for a, b in zip(strides, strides[1:], strict=False))
+    return _like(x) if _plain(x) and x.dim() >= 2 else None
 
 
 def _mean_dim(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -290,23 +363,34 @@ def _mean_dim(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def _cat(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """cat of contiguous floating tensors of one dtype, rank and device along one dim."""
+    """cat of tensors of one dtype and device along one dim (1-d empty tensors skipped, as torch allows):
+    channels-last when every input's strides suggest it, else contiguous."""
     if kwargs or not args or len(args) > 2 or not isinstance(args[0], (list, tuple)) or not args[0]:
         return None
     tensors, dim = args[0], args[1] if len(args) == 2 else 0
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or not isinstance(dim, int):
+        return None
     first = tensors[0]
-    if not all(
-        isinstance(t, torch.Tensor) and t.dtype == first.dtype and t.dim() == first.dim() > 0
-        and t.device == first.device and t.is_floating_point() and t.is_contiguous()
-        for t in tensors
-    ):
+    if any(t.dtype != first.dtype or t.device != first.device or t.layout != torch.strided for t in tensors):
         return None
-    dim %= first.dim()
-    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1 :] != first.shape[dim + 1 :] for t in tensors):
+    kept = [t for t in tensors if not (t.dim() == 1 and t.shape[0] == 0)]
+    if not kept or any(t.dim() != kept[0].dim() for t in kept) or kept[0].dim() == 0:
         return None
-    shape = list(first.shape)
-    shape[dim] = sum(t.shape[dim] for t in tensors)
-    return torch.empty(shape, dtype=first.dtype, device=first.device)
+    rank = kept[0].dim()
+    dim %= rank
+    shape = list(kept[0].shape)
+    if any(t.shape[:dim] != kept[0].shape[:dim] or t.shape[dim + 1 :] != kept[0].shape[dim + 1 :] for t in kept):
+        return None
+    shape[dim] = sum(t.shape[dim] for t in kept)
+    if 0 in shape:
+        return None
+    sizes = tuple(shape)
+    channels_last = all(layouts.like_channels_last(tuple(t.shape), t.stride()) for t in tensors)
+    if channels_last and all(t.dim() == rank for t in tensors):
+        strides = layouts.dense_in_order(sizes, [0, *range(2, rank), 1])
+    else:
+        strides = layouts.contiguous(sizes)
+    return torch.empty_strided(sizes, strides, dtype=first.dtype, device=first.device)
 
 
 def _convolution(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -357,7 +441,7 @@ def _layer_norm(args: tuple, kwargs: dict) -> tuple | None:
     if kwargs or len(args) != 5:
         return None
     x, shape = args[0], args[1]
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not 0 < len(shape) <= x.dim():
+    if not _plain(x) or x.dtype != torch.float32 or not 0 < len(shape) <= x.dim():
         return None
     stats = (*x.shape[: x.dim() - len(shape)], *([1] * len(shape)))
     return _like(x), x.new_empty(stats), x.new_empty(stats)
@@ -368,31 +452,36 @@ def _softmax_out(args: tuple, kwargs: dict) -> torch.Tensor | None:
     x = args[0]
     if kwargs.get("dtype") is not None or (len(args) > 2 and args[2] not in (False, None)):
         return None
-    return _like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+    return _like(x) if _plain(x) and x.is_floating_point() else None
 
 
 def _where(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """where(condition, a, b) of a boolean condition and two float tensors of one dtype: the broadcast shape."""
+    """where(condition, a, b) of a boolean condition and two float tensors of one dtype: the broadcast shape,
+    laid out by all three (the condition first, as torch's reference orders them)."""
     if kwargs or len(args) != 3 or not all(isinstance(t, torch.Tensor) for t in args):
         return None
     condition, a, b = args
     if condition.dtype != torch.bool or a.dtype != b.dtype or not a.is_floating_point():
         return None
-    return torch.empty(torch.broadcast_shapes(condition.shape, a.shape, b.shape), dtype=a.dtype, device=a.device)
+    return _elementwise([condition, a, b], a.dtype, opmath=False)
 
 
 def _fast_table() -> dict[Any, Any]:
     table: dict[Any, Any] = {}
     for name in ("relu", "hardtanh", "relu6", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "gelu"):
         if hasattr(_aten, name):
-            table[getattr(_aten, name).default] = _like_input
+            table[getattr(_aten, name).default] = _activation
         if hasattr(_aten, f"{name}_"):
             table[getattr(_aten, f"{name}_").default] = _in_place
     table[_aten.native_batch_norm.default] = _native_batch_norm
     table[_aten._native_batch_norm_legit_no_training.default] = _batch_norm_no_training
     for op in (_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor, _aten.mul.Scalar,
-               _aten.div.Scalar, _aten.pow.Tensor_Scalar, _aten.neg.default, _aten.rsqrt.default):
+               _aten.div.Scalar, _aten.neg.default, _aten.rsqrt.default):
         table[op] = _pointwise
+    table[_aten.pow.Tensor_Scalar] = _power
+    table[_aten.clone.default] = _copy
+    table[_aten._to_copy.default] = _copy
+    table[_aten._unsafe_view.default] = _unsafe_view
     table[_aten.tril.default] = _triangle
     table[_aten.mean.dim] = _mean_dim
     table[_aten.cat.default] = _cat
