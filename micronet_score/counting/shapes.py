@@ -466,6 +466,68 @@ def _where(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return _elementwise([condition, a, b], a.dtype, opmath=False)
 
 
+def _grouped_mm(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """_grouped_mm(a, b, offs, bias, out_dtype) of floating tensors of one dtype (torch's meta kernel accepts only
+    bfloat16; the CPU kernel any float). The output's shape does not depend on the offsets' values: a 2-d a
+    (rows, k) with a 3-d b (groups, k, n) gives (rows, n); 3-d with 2-d (groups, m, k) x (k, n) gives (m, n); 2-d
+    with 2-d (k split in offs.numel() groups) gives (groups, m, n); 3-d with 3-d a batched product (groups, m, n).
+    Laid out as the meta kernel lays it out (rows padded to 16 bytes on a CUDA build of torch). Other cases (a
+    bias, mixed dtypes, mismatched dims): None, torch's meta kernel decides."""
+    names = ("offs", "bias", "out_dtype")
+    options = dict(zip(names, args[2:], strict=False)) | kwargs
+    a, b, offs = args[0], args[1], options.get("offs")
+    if set(options) - set(names) or options.get("bias") is not None:
+        return None
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype:
+        return None
+    if not a.is_floating_point() or a.dim() not in (2, 3) or b.dim() not in (2, 3):
+        return None
+    if (a.dim() == 3 or b.dim() == 3) and a.shape[-1] != b.shape[-2]:
+        return None
+    if (a.dim() == 3 and b.dim() == 3) != (offs is None):
+        return None
+    if a.dim() == 2 and b.dim() == 2:
+        sizes = [offs.shape[0], a.shape[0], b.shape[1]]
+    elif a.dim() == 2:
+        sizes = [a.shape[0], b.shape[-1]]
+    elif b.dim() == 2:
+        sizes = [a.shape[1], b.shape[1]]
+    else:
+        sizes = [a.shape[0], a.shape[1], b.shape[-1]]
+    dtype = options.get("out_dtype") or a.dtype
+    if torch.version.cuda:
+        align = 16 // dtype.itemsize
+        row = (sizes[-1] + align - 1) // align * align
+        strides = [sizes[1] * row, row, 1] if len(sizes) == 3 else [row, 1]
+        return torch.empty_strided(sizes, strides, dtype=dtype, device=a.device)
+    return torch.empty(sizes, dtype=dtype, device=a.device)
+
+
+DATA_DEPENDENT = (
+    "nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive",
+    "bincount", "_local_scalar_dense", "repeat_interleave.Tensor", "repeat_interleave.self_Tensor",
+)  # fmt: skip
+"""Ops (name or name.overload) whose output's shape (or value: .item(), .tolist()) depends on their input's
+values; repeat_interleave only without an output_size."""
+
+
+def _data_dependent(name: str) -> Any:
+    def refuse(args: tuple, kwargs: dict) -> None:
+        if not any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args):
+            return None  # a tensor with values (a CPU constant made during the forward)
+        if kwargs.get("output_size") is not None:
+            return None  # repeat_interleave told its output's size: no values needed
+        shown = "Tensor.item() / .tolist()" if name == "_local_scalar_dense" else f"aten.{name}"
+        raise MicronetError(
+            f"shape-only counting runs the forward on meta tensors, which have no values, and this forward calls "
+            f"{shown}, whose result depends on the values: count without shape_only (a real run). A Hugging Face "
+            "mixture-of-experts model counts shape-only with the grouped_mm or batched_mm experts implementation "
+            "(config._experts_implementation), whose shapes do not depend on the routing"
+        )
+
+    return refuse
+
+
 def _fast_table() -> dict[Any, Any]:
     table: dict[Any, Any] = {}
     for name in ("relu", "hardtanh", "relu6", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "gelu"):
@@ -493,6 +555,13 @@ def _fast_table() -> dict[Any, Any]:
     if hasattr(_aten, "_safe_softmax"):
         table[_aten._safe_softmax.default] = _softmax_out
     table[_aten.where.self] = _where
+    if hasattr(_aten, "_grouped_mm"):
+        table[_aten._grouped_mm.default] = _grouped_mm
+    for name in DATA_DEPENDENT:
+        packet, _, only = name.partition(".")
+        for overload in [only] if only else getattr(_aten, packet).overloads():
+            if not overload.endswith("out"):
+                table[getattr(getattr(_aten, packet), overload)] = _data_dependent(name)
     return table
 
 
