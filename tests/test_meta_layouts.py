@@ -33,16 +33,15 @@ class Layouts:
             base = torch.empty([shape[d] for d in order], device="meta")
             return base.permute([order.index(d) for d in range(n)])
         if kind == "sliced":  # a window (every element or every other) of a larger, maybe permuted, tensor
-            t = torch.empty([s * rng.choice([1, 2]) + rng.choice([0, 1]) for s in shape], device="meta")
-            if rng.random() < 0.5:
-                order = list(range(n))
-                rng.shuffle(order)
-                t = t.permute(order)
+            big = [s * rng.choice([1, 2]) + rng.choice([0, 1]) for s in shape]
+            t = self.of(big, "permuted") if rng.random() < 0.5 else torch.empty(big, device="meta")
             index = []
             for big, s in zip(t.shape, shape, strict=True):
                 step = 2 if big >= 2 * s and rng.random() < 0.5 else 1
                 index.append(slice(0, s * step, step))
-            return t[tuple(index)]
+            t = t[tuple(index)]
+            assert list(t.shape) == shape
+            return t
         if kind == "channels_last" and n in (4, 5):
             fmt = torch.channels_last if n == 4 else torch.channels_last_3d
             return torch.empty(shape, device="meta", memory_format=fmt)
@@ -89,8 +88,12 @@ class Tally:
         if any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in inputs):
             self.fast_noncontiguous += 1
         expected = op(*args, **kwargs)  # torch's own meta kernel
-        assert layout(fast) == layout(expected), (op, [(tuple(t.shape), t.stride(), t.dtype) for t in inputs
-                                                      if isinstance(t, torch.Tensor)], args[1:], kwargs)
+        assert layout(fast) == layout(expected), (
+            op,
+            [(tuple(t.shape), t.stride(), t.dtype) for t in inputs if isinstance(t, torch.Tensor)],
+            args[1:],
+            kwargs,
+        )
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -172,3 +175,36 @@ def test_rotary_embedding_layouts_of_a_llama_attention():
     tally.check(aten.mul.Tensor, (q, cos))
     tally.check(aten.add.Tensor, (aten.mul.Tensor(q, cos), aten.mul.Tensor(rotated, cos)))
     assert tally.fast == tally.cases == 4
+
+
+def test_attention_output_equals_torch_meta_math_path():
+    """F.scaled_dot_product_attention made directly (shape-only skips the math path's dozen ops): torch's own
+    meta output for transposed queries, grouped key/value heads, masks of several shapes, 2-d to 4-d inputs."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gen, made = Layouts(3), 0
+    for _ in range(60):
+        rank, dtype = gen.rng.choice([2, 3, 4, 4]), gen.rng.choice(DTYPES)
+        batch = [gen.rng.choice([1, 2]) for _ in range(rank - 3)]
+        heads, kv = gen.rng.choice([(4, 4), (4, 2), (6, 3), (2, 1)])
+        if rank == 2:
+            heads = kv = None
+        length, source, d, dv = gen.rng.choice([1, 5, 8]), gen.rng.choice([1, 5, 8]), 16, gen.rng.choice([8, 16])
+        head = [] if heads is None else [heads]
+        kv_head = [] if kv is None else [kv]
+        q = gen.tensor([*batch, *head, length, d], dtype)
+        k = gen.tensor([*batch, *kv_head, source, d], dtype)
+        v = gen.tensor([*batch, *kv_head, source, dv], dtype)
+        options = {"enable_gqa": heads != kv} if heads != kv else {}
+        choice = gen.rng.choice(["none", "causal", "bool", "float"])
+        if choice == "causal":
+            options["is_causal"] = True
+        elif choice != "none":
+            scores = [*batch, *head, length, source]
+            shape = [1 if gen.rng.random() < 0.5 else n for n in scores][gen.rng.randrange(len(scores)) :]
+            options["attn_mask"] = gen.tensor(shape, torch.bool if choice == "bool" else dtype)
+        fast = META_FAST[sdpa]((q, k, v), options)
+        expected = sdpa(q, k, v, **options)
+        if fast is not None:
+            made += 1
+            assert layout(fast) == layout(expected), (q.shape, k.shape, v.shape, options)
+    assert made > 40

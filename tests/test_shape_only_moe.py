@@ -51,7 +51,11 @@ def test_shape_only_mixtral_counts_the_routed_experts(experts):
     # every token is routed to exactly its top-2 experts whatever the weights: the routed rows are T x 2 in both
     # runs, so every total equals the real run's
     assert (shapes.params, shapes.flops, shapes.mults, shapes.adds, shapes.others) == (
-        real.params, real.flops, real.mults, real.adds, real.others
+        real.params,
+        real.flops,
+        real.mults,
+        real.adds,
+        real.others,
     )
     assert not shapes.uncounted
 

@@ -342,6 +342,12 @@ class CountingMode(TorchDispatchMode):
 
     def _run_unpriced(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """Runs a fused call with the aten ops beneath it unpriced (its caller prices the call as a whole)."""
+        fast = self.meta_fast.get(func) if self.meta_fast is not None else None  # shape-only: its output directly
+        out = fast(args, kwargs) if fast is not None else None
+        if out is not None:
+            if self.watch:
+                self._taken(args)  # what the ops beneath would have taken
+            return out
         self.quiet += 1
         try:
             out = func(*args, **kwargs)

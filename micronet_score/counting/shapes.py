@@ -262,9 +262,16 @@ def _elementwise(tensors: list[torch.Tensor], dtype: torch.dtype, opmath: bool =
     kernels lay it out (counting.layouts), or None for torch to make it. ``opmath``: the op computes in
     layouts.computation_dtype (inputs of another dtype are converted first); else its inputs are taken as
     they are."""
-    device = tensors[0].device
+    first = tensors[0]
+    device = first.device
     if any(t.device != device for t in tensors):
         return None
+    if (
+        all(t.shape == first.shape and t.is_contiguous() for t in tensors)
+        and first.numel()
+        and not (first.dim() == 4 and all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors))
+    ):  # the common case, decided by torch's own flags: contiguous inputs of one shape give a contiguous output
+        return torch.empty(first.shape, dtype=dtype, device=device)
     compute = layouts.computation_dtype(dtype) if opmath else None
     layout = layouts.elementwise([(tuple(t.shape), t.stride(), opmath and t.dtype != compute) for t in tensors])
     if layout is None:
@@ -528,6 +535,36 @@ def _data_dependent(name: str) -> Any:
     return refuse
 
 
+def _attention(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) of floating
+    tensors of one dtype: what torch's math path (the one it takes on meta) returns, a contiguous (..., L, Ev)
+    at q's dtype, without running its dozen ops. Batch dims must match (key/value heads may divide the query's
+    with enable_gqa) and a mask broadcast to (..., L, S); anything else is left to torch."""
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    options = dict(zip(names, args[3:], strict=False)) | kwargs
+    q, k, v = args[:3]
+    if set(options) - set(names) or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return None
+    if not q.is_floating_point() or not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        return None
+    if not 2 <= q.dim() == k.dim() == v.dim() or q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return None
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not q.shape[:-3] == k.shape[:-3] == v.shape[:-3]:
+        return None
+    if q.dim() >= 3 and not (q.shape[-3] == k.shape[-3] == v.shape[-3] or (
+        options.get("enable_gqa") and k.shape[-3] == v.shape[-3] and q.shape[-3] % k.shape[-3] == 0
+    )):  # fmt: skip
+        return None
+    mask = options.get("attn_mask")
+    if mask is not None:
+        scores = (*q.shape[:-1], k.shape[-2])
+        if not isinstance(mask, torch.Tensor) or layouts.broadcast([scores, tuple(mask.shape)]) != scores:
+            return None
+        if options.get("is_causal"):
+            return None  # torch refuses a mask with is_causal
+    return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+
+
 def _fast_table() -> dict[Any, Any]:
     table: dict[Any, Any] = {}
     for name in ("relu", "hardtanh", "relu6", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "gelu"):
@@ -555,6 +592,7 @@ def _fast_table() -> dict[Any, Any]:
     if hasattr(_aten, "_safe_softmax"):
         table[_aten._safe_softmax.default] = _softmax_out
     table[_aten.where.self] = _where
+    table[torch.nn.functional.scaled_dot_product_attention] = _attention  # a function: the fused call, unpriced
     if hasattr(_aten, "_grouped_mm"):
         table[_aten._grouped_mm.default] = _grouped_mm
     for name in DATA_DEPENDENT:
@@ -566,4 +604,5 @@ def _fast_table() -> dict[Any, Any]:
 
 
 META_FAST = _fast_table()
-"""OpOverload -> its meta output made directly (None: ask torch)."""
+"""OpOverload (or a fused function the interpreter runs unpriced) -> its meta output made directly (None: ask
+torch)."""
