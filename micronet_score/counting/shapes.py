@@ -8,7 +8,12 @@ masks) under the meta keys, and what it learns about storage (tensors read, fold
 The real model is only read: its values, attributes and version counters stay as they were.
 
 A forward whose control flow depends on tensor values (``if x.sum() > 0``, ``.item()``, ``.tolist()``,
-``nonzero``) cannot run on meta tensors: :class:`MicronetError` says so, and to count without shape_only.
+``nonzero``) cannot run on meta tensors: :class:`MicronetError` says so, and to count without shape_only. The
+ops whose result depends on values (DATA_DEPENDENT) are refused by name on meta tensors, never given an assumed
+size; mixture-of-experts layers count when their shapes do not depend on the routing (``_grouped_mm``).
+
+For speed, the outputs of the ops whose meta kernels are slow Python references are made directly (META_FAST),
+each with exactly the sizes, strides and dtype torch's kernel gives it (counting.layouts).
 """
 
 from __future__ import annotations
