@@ -50,30 +50,26 @@ def contiguous(sizes: Sizes) -> Strides:
     return dense_in_order(sizes, range(len(sizes)))
 
 
-def is_contiguous(sizes: Sizes, strides: Strides) -> bool:
-    """Row-major, ignoring dims of size 1 (torch's compute_contiguous)."""
+def _nested(sizes: Sizes, strides: Strides, inner_first: Sequence[int]) -> bool:
+    """The dims, innermost first, each stride the product of the sizes inside it (dims of size 1 ignored)."""
     expected = 1
-    for n, st in zip(reversed(sizes), reversed(strides), strict=True):
-        if n == 1:
-            continue
-        if st != expected:
-            return False
-        expected *= n
-    return True
-
-
-def is_channels_last(sizes: Sizes, strides: Strides) -> bool:
-    """A 4-d tensor laid out NHWC, ignoring dims of size 1."""
-    if len(sizes) != 4:
-        return False
-    expected = 1
-    for dim in (1, 3, 2, 0):
+    for dim in inner_first:
         if sizes[dim] == 1:
             continue
         if strides[dim] != expected:
             return False
         expected *= sizes[dim]
     return True
+
+
+def is_contiguous(sizes: Sizes, strides: Strides) -> bool:
+    """Row-major, ignoring dims of size 1 (torch's compute_contiguous)."""
+    return _nested(sizes, strides, range(len(sizes) - 1, -1, -1))
+
+
+def is_channels_last(sizes: Sizes, strides: Strides) -> bool:
+    """A 4-d tensor laid out NHWC, ignoring dims of size 1."""
+    return len(sizes) == 4 and _nested(sizes, strides, (1, 3, 2, 0))
 
 
 def is_dense(sizes: Sizes, strides: Strides) -> bool:
@@ -85,15 +81,7 @@ def is_dense(sizes: Sizes, strides: Strides) -> bool:
         return True
     if len(sizes) == 1:
         return strides[0] == 1
-    by_stride = sorted(zip(strides, sizes, strict=True))
-    expected = 1
-    for st, n in by_stride:
-        if n == 1:
-            continue
-        if st != expected:
-            return False
-        expected *= n
-    return True
+    return _nested(sizes, strides, sorted(range(len(sizes)), key=lambda d: (strides[d], sizes[d])))
 
 
 def like_channels_last(sizes: Sizes, strides: Strides) -> bool:
