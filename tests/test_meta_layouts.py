@@ -1,4 +1,4 @@
-"""Shape-only counting makes the outputs of elementwise ops, cat, copies and activations itself instead of running
+"""Shape-only counting makes the outputs of elementwise ops, cat, attention and activations itself instead of running
 torch's (slow, Python) meta kernels. The reference here is torch's own meta kernel run on the same inputs: for a
 seeded sweep of sizes, strides (contiguous, transposed and permuted, sliced and strided, expanded, channels-last,
 size-1 dims with arbitrary strides), broadcasts and dtypes (float32/64, bfloat16, float16, mixed), the fast output
@@ -97,7 +97,7 @@ class Tally:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_elementwise_cat_and_copies_lay_outputs_out_as_torch_does(seed):
+def test_elementwise_and_cat_lay_outputs_out_as_torch_does(seed):
     gen, tally = Layouts(seed), Tally()
     for _ in range(150):
         shape = gen.shape()
@@ -120,12 +120,6 @@ def test_elementwise_cat_and_copies_lay_outputs_out_as_torch_does(seed):
             tally.check(aten.pow.Tensor_Scalar, (a, exponent))
         condition = gen.tensor(gen.broadcastable(shape), torch.bool)
         tally.check(aten.where.self, (condition, a, gen.tensor(gen.broadcastable(shape), d1)))
-        tally.check(aten.clone.default, (a,))
-        tally.check(aten.clone.default, (a,), {"memory_format": torch.contiguous_format})
-        tally.check(aten._to_copy.default, (a,), {"dtype": d2})
-        if a.is_contiguous():
-            tally.check(aten._unsafe_view.default, (a, [-1]))
-            tally.check(aten._unsafe_view.default, (a, [1, a.numel()]))
         dim = gen.rng.randrange(len(shape))
         parts = []
         for _ in range(gen.rng.choice([1, 2, 3])):

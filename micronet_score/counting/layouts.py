@@ -1,5 +1,5 @@
-"""The strides torch gives the outputs of elementwise ops, cat and copies on the meta device, from the inputs'
-sizes and strides alone.
+"""The strides torch gives the outputs of elementwise ops and cat on the meta device, from the inputs' sizes and
+strides alone.
 
 On meta, torch computes these layouts with its Python reference implementations (0.1 to 0.3 ms an op, most of a
 shape-only forward of a large model). The rules here are those references' (torch._prims_common, modelled on

@@ -299,60 +299,11 @@ def _pointwise(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def _power(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """pow(x, exponent) of a floating tensor: x ** 1 is a copy of x (its layout kept), any other exponent an
-    elementwise op."""
+    """pow(x, exponent) of a floating tensor, an elementwise op (but x ** 1, which torch's reference makes a copy
+    of x, left to torch)."""
     if kwargs or len(args) != 2 or isinstance(args[1], bool) or not isinstance(args[1], (int, float)):
         return None
-    if args[1] == 1:
-        return _copy((args[0],), {})
-    return _pointwise(args, kwargs)
-
-
-def _copy(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """clone(x, memory_format) and _to_copy(x, dtype=...) on x's device, of a non-empty strided tensor: dense
-    strides kept, others laid out densely in x's order; or the memory format asked for."""
-    x = args[0] if len(args) == 1 else None
-    if not isinstance(x, torch.Tensor) or x.layout != torch.strided or x.numel() == 0:
-        return None
-    if set(kwargs) - {"dtype", "layout", "device", "pin_memory", "non_blocking", "memory_format"}:
-        return None
-    if kwargs.get("layout") not in (None, torch.strided) or kwargs.get("pin_memory"):
-        return None
-    if kwargs.get("device") is not None and torch.device(kwargs["device"]) != x.device:
-        return None
-    sizes, strides = tuple(x.shape), x.stride()
-    memory_format = kwargs.get("memory_format")
-    if memory_format in (None, torch.preserve_format):
-        strides = layouts.preserved(sizes, strides)
-    elif memory_format == torch.contiguous_format:
-        strides = layouts.contiguous(sizes)
-    else:
-        return None
-    dtype = kwargs.get("dtype") or x.dtype
-    return torch.empty_strided(sizes, strides, dtype=dtype, device=x.device)
-
-
-def _unsafe_view(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """_unsafe_view(x, sizes) of a contiguous tensor (one size may be -1): contiguous in the new sizes."""
-    if kwargs or len(args) != 2:
-        return None
-    x, sizes = args
-    if not isinstance(x, torch.Tensor) or not x.is_contiguous() or x.numel() < 2:
-        return None
-    sizes = list(sizes)
-    if sizes.count(-1) == 1:
-        known = 1
-        for n in sizes:
-            known *= n if n != -1 else 1
-        if known <= 0 or x.numel() % known:
-            return None
-        sizes[sizes.index(-1)] = x.numel() // known
-    numel = 1
-    for n in sizes:
-        numel *= n
-    if numel != x.numel() or any(n < 0 for n in sizes):
-        return None
-    return torch.empty_strided(sizes, layouts.contiguous(tuple(sizes)), dtype=x.dtype, device=x.device)
+    return None if args[1] == 1 else _pointwise(args, kwargs)
 
 
 def _triangle(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -583,9 +534,6 @@ def _fast_table() -> dict[Any, Any]:
                _aten.div.Scalar, _aten.neg.default, _aten.rsqrt.default):
         table[op] = _pointwise
     table[_aten.pow.Tensor_Scalar] = _power
-    table[_aten.clone.default] = _copy
-    table[_aten._to_copy.default] = _copy
-    table[_aten._unsafe_view.default] = _unsafe_view
     table[_aten.tril.default] = _triangle
     table[_aten.mean.dim] = _mean_dim
     table[_aten.cat.default] = _cat
