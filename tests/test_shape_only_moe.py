@@ -7,6 +7,8 @@ the architecture (a dot product of length n is n mults), and the real run's tota
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -122,3 +124,25 @@ def test_grouped_mm_output_equals_torch_meta_kernel_and_cpu_kernel(name):
     real = op(a32, b32, cut)
     fast32 = META_FAST[op]((a32.to("meta"), b32.to("meta"), None if cut is None else cut.to("meta")), {})
     assert (fast32.shape, fast32.dtype) == (real.shape, real.dtype)
+
+
+@pytest.mark.parametrize("experts", ["grouped_mm", "eager"])
+def test_cli_counts_a_mixtral_config_or_refuses_in_one_line(cli, tmp_path, experts):
+    """A directory with only config.json: the grouped_mm experts count with the real run's totals (the same
+    architecture with random weights on 128 tokens); the eager experts end in one error line, exit 2."""
+    config = mixtral(experts).config
+    config.architectures = ["MixtralForCausalLM"]
+    config.save_pretrained(tmp_path)
+    if experts == "eager":
+        config_json = json.loads((tmp_path / "config.json").read_text())
+        config_json["experts_implementation"] = "eager"
+        (tmp_path / "config.json").write_text(json.dumps(config_json))
+    code, out, err = cli("count", str(tmp_path), "--shape-only", "--json")
+    if experts == "eager":
+        assert code == 2 and err.count("error:") == 1 and "aten.nonzero" in err
+        return
+    assert code == 0, err
+    report = json.loads(out)
+    with torch.no_grad():  # the real run of the same architecture (random weights) on 128 tokens
+        real = ms.count(mixtral(experts), torch.randint(0, V, (1, 128)), samples=1)
+    assert (report["mults"], report["adds"], report["others"]) == (real.mults, real.adds, real.others)

@@ -485,7 +485,8 @@ def _data_dependent(name: str) -> Any:
             f"shape-only counting runs the forward on meta tensors, which have no values, and this forward calls "
             f"{shown}, whose result depends on the values: count without shape_only (a real run). A Hugging Face "
             "mixture-of-experts model counts shape-only with the grouped_mm or batched_mm experts implementation "
-            "(config._experts_implementation), whose shapes do not depend on the routing"
+            "(experts_implementation in config.json, config._experts_implementation in Python), whose shapes do not "
+            "depend on the routing"
         )
 
     return refuse
