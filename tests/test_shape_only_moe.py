@@ -78,10 +78,12 @@ class Item(nn.Module):
 
 
 class CpuMask(nn.Module):
-    """Picks columns with a mask made on the CPU inside the forward (its values are known on meta too)."""
+    """Picks columns with a mask computed on the CPU inside the forward (its values exist in shape-only counting
+    too, and must be computed: doubled, then negatives zeroed in place, [2, 0, -2, 6] -> [2, 0, 0, 6])."""
 
     def forward(self, x):
-        return x[:, torch.tensor([1, 0, 1, 1]).nonzero().squeeze(1)] * 2
+        keep = (torch.tensor([1.0, 0.0, -1.0, 3.0]) * 2).relu_().nonzero().squeeze(1)
+        return x[:, keep] * 2
 
 
 def test_item_on_meta_is_refused_by_name():
@@ -92,7 +94,7 @@ def test_item_on_meta_is_refused_by_name():
 def test_data_dependent_ops_on_tensors_with_values_still_run():
     x = torch.ones(2, 4)
     shapes = ms.count(CpuMask(), x, shape_only=True, samples=1)
-    assert shapes.mults == 2 * 3  # the 3 kept columns of 2 rows, doubled
+    assert shapes.family("mul").mults == 4 + 2 * 2  # the mask's 4 values doubled; 2 kept columns of 2 rows doubled
     assert shapes.flops == ms.count(CpuMask(), x, samples=1).flops
 
 

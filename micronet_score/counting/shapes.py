@@ -522,6 +522,20 @@ def _attention(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
 
 
+def _on_meta(make: Any) -> Any:
+    """``make`` for ops whose tensors are all on meta: a tensor with values made during the forward (a CPU
+    constant) is computed by torch, its values needed later."""
+
+    def made(args: tuple, kwargs: dict) -> Any:
+        for arg in args:
+            for t in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    return None
+        return make(args, kwargs)
+
+    return made
+
+
 def _fast_table() -> dict[Any, Any]:
     table: dict[Any, Any] = {}
     for name in ("relu", "hardtanh", "relu6", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "gelu"):
@@ -549,6 +563,7 @@ def _fast_table() -> dict[Any, Any]:
     table[torch.nn.functional.scaled_dot_product_attention] = _attention  # a function: the fused call, unpriced
     if hasattr(_aten, "_grouped_mm"):
         table[_aten._grouped_mm.default] = _grouped_mm
+    table = {op: _on_meta(make) for op, make in table.items()}
     for name in DATA_DEPENDENT:
         packet, _, only = name.partition(".")
         for overload in [only] if only else getattr(_aten, packet).overloads():
