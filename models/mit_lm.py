@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from micronet_score.models._sliding_window import SlidingWindow
 from micronet_score.models.registry import ModelSpec, register
 from torch import Tensor, nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from micronet_score.counting.hints import priced_as
 from micronet_score.errors import MicronetError
 
 BEST_CACHE_THETA = 0.02021162425847724
@@ -507,13 +507,18 @@ class AdaptiveSoftmax(nn.Module):
     def forward(self, h: Tensor, targets: Tensor) -> Tensor:
         """log p_model(target) for each row of h. The full distribution of every row is normalised (all bins).
 
-        Two computations of the same values: plain evaluation (no gradient, no dispatch mode such as the
-        operation counter, a real device) takes the fused path, which never writes the tail bins' log-softmax
-        (:func:`tail_log_prob`); otherwise (counting, shape-only, training) the reference path runs the
-        log-softmax of every bin, block by block of rows, into buffers that are re-used from block to block, so
-        that the interpreter sees and prices exactly the ops the rules charge for."""
-        if self.fused and not torch.is_grad_enabled() and not h.is_meta and not is_in_torch_dispatch_mode():
-            return self._log_prob_fused(h, targets)
+        Two computations of the same values: without gradient the fused path runs (:meth:`_log_prob_fused`,
+        which never writes the tail bins' log-softmax), priced under a counter as the reference path
+        (:meth:`_log_prob_reference`, the log-softmax of every bin) through a pricing hint
+        (:func:`~micronet_score.counting.hints.priced_as`): the count is the reference's, op by op. Training,
+        shape-only counting (meta tensors), other dispatch modes and ``fused = False`` run the reference path."""
+        if self.fused and not torch.is_grad_enabled():
+            return priced_as(self._log_prob_fused, self._log_prob_reference, h, targets)
+        return self._log_prob_reference(h, targets)
+
+    def _log_prob_reference(self, h: Tensor, targets: Tensor) -> Tensor:
+        """The log-softmax of every bin, block by block of rows, into buffers re-used from block to block: the
+        ops the rules price."""
         sizes = [b - a for a, b in zip(self.edges, self.edges[1:])]
         rows = max(1, min(len(h), self.block_elements // max(sizes)))
         reuse = not torch.is_grad_enabled()  # out= buffers only where no gradient is recorded

@@ -350,6 +350,25 @@ class CountingMode(TorchDispatchMode):
         self.facts.dots.clear()
         return out
 
+    def hint(self, fast: Any, reference: Any, tensors: list[torch.Tensor]) -> Any:
+        """A pricing hint (:mod:`hints`): ``fast()`` runs unpriced and gives the result; ``reference(copies)``
+        runs on meta copies of ``tensors`` and is priced. Each copy stands for its tensor (read for inference,
+        the same stored width and representation, or the same mark); the result takes the reference's marks."""
+        copies = self._run_unpriced(
+            lambda: [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tensors], (), {})
+        for real, copy in zip(tensors, copies, strict=True):
+            self._taken((real,))
+            self.copied(real, copy)
+        out = self._run_unpriced(fast, (), {})
+        priced = reference(copies)
+        got, want = _flat(out), _flat(priced)
+        if [(t.shape, t.dtype) for t in got] != [(t.shape, t.dtype) for t in want]:
+            raise CountingBug(f"internal error: a pricing hint's fast computation gave {[tuple(t.shape) for t in got]}"
+                              f" but its reference {[tuple(t.shape) for t in want]}; please report it")
+        for real, copy in zip(got, want):
+            self.copied(copy, real)
+        return out
+
     def attention(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ...): one price, any kernel."""
         if self.quiet or self.converting or not all(isinstance(t, torch.Tensor) for t in args[:3]):

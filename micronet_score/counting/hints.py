@@ -1,0 +1,96 @@
+"""Pricing hints: a model computes one way and is priced as another.
+
+A model may have a fast computation (a fused loop, a streaming normaliser) of the same values as a plainer
+*reference* computation whose ops are the ones the rule set should price. ``priced_as(fast, reference, *args)``
+returns ``fast(*args)``:
+
+* outside any dispatch mode (plain evaluation) it just runs ``fast(*args)`` (on real tensors);
+* under the counter (:class:`~micronet_score.counting.interpreter.CountingMode`), ``fast(*args)`` runs with
+  its ops unpriced, and ``reference(*args)`` is priced by running it on meta copies (same shapes, strides and
+  dtypes, no values) of the tensors in ``args`` and of the parameters and buffers of the module that
+  ``reference`` is a method of. Each copy stands for its real tensor: a weight's copy has the weight's stored
+  width and representation, a quantizer-marked activation's copy has its mark, and the real tensors count as
+  read. The count is the reference's, op by op and module by module (its submodules' hooks run as usual), and
+  what runs is the fast computation;
+* where an argument is a meta tensor (shape-only counting: nothing to compute) or another dispatch mode is
+  active (a different counter, a tracer), ``reference(*args)`` runs, so that what is seen is the reference
+  computation.
+
+The reference must be shape-only: its ops may depend on the shapes of its inputs but not on their values (a
+``masked_select`` or ``nonzero`` has no meta result to price). The fast and reference results must have the same
+shapes and dtypes (checked: a mismatch is an internal error, never a silent count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+T = TypeVar("T")
+
+
+def priced_as(fast: Callable[..., T], reference: Callable[..., T], *args: Any) -> T:
+    """``fast(*args)``, priced under a counter as ``reference(*args)`` would be (see the module docstring)."""
+    inputs = _tensors(args)
+    if any(t.is_meta for t in inputs):
+        return reference(*args)
+    mode = _get_current_dispatch_mode()
+    if mode is None:
+        return fast(*args)
+    if not hasattr(mode, "hint"):
+        return reference(*args)
+    owner = getattr(reference, "__self__", None)
+    owned = _owned(owner) if isinstance(owner, nn.Module) else []
+    held = list({id(t): t for _, _, t in owned}.values())  # a tied tensor once
+
+    def run_reference(copies: list[Tensor]) -> Any:
+        meta_args = _replaced(args, iter(copies[: len(inputs)]))
+        stand_ins = {id(t): c for t, c in zip(held, copies[len(inputs) :], strict=True)}
+        with _swapped(owned, stand_ins):
+            return reference(*meta_args)
+
+    return mode.hint(lambda: fast(*args), run_reference, inputs + held)
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _replaced(value: Any, copies: Iterator[Tensor]) -> Any:
+    """``value`` with each tensor replaced by the next copy (the order of :func:`_tensors`)."""
+    if isinstance(value, Tensor):
+        return next(copies)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_replaced(v, copies) for v in value)
+    return value
+
+
+def _owned(module: nn.Module) -> list[tuple[dict, str, Tensor]]:
+    """(the dict that holds it, its name, the tensor) for every parameter and buffer of ``module`` and its
+    submodules; a tensor held twice (tied weights) is listed at each place."""
+    out = []
+    for m in module.modules():
+        for slots in (m._parameters, m._buffers):
+            out.extend((slots, name, t) for name, t in slots.items() if t is not None)
+    return out
+
+
+@contextmanager
+def _swapped(owned: list[tuple[dict, str, Tensor]], stand_ins: dict[int, Tensor]) -> Iterator[None]:
+    """The module tensors replaced by their stand-ins (by tensor id) while the reference runs."""
+    for slots, name, tensor in owned:
+        slots[name] = stand_ins[id(tensor)]
+    try:
+        yield
+    finally:
+        for slots, name, tensor in owned:
+            slots[name] = tensor
+
