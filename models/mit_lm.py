@@ -408,52 +408,78 @@ UNDERFLOW_LOG = -60.0
 NARROW_TAIL = 16
 """Tail bins with at most this many input features (the 4-wide bin of the best configuration) are shifted by a
 bound computed from the weights; wider ones by their exact running maximum."""
+LOG2_E = 1.0 / math.log(2.0)
+"""The tails' exponentials are taken as 2^(log2(e)·z) = e^z, the factor folded into the weights: torch's exp2 runs
+2.7x faster than exp on the AVX-512 CPU of the benchmarks (0.31 against 0.83 ns per value, one thread)."""
 
 
-def tail_log_prob(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, columns: int) -> Tensor:
+@dataclass(frozen=True)
+class TailTable:
+    """What :func:`tail_log_prob` needs of a tail's weights, made once for all the row blocks of a call: the
+    table [w | b | 1] (narrow tails) or [w | b] (wide ones), times log2(e), and for narrow tails max_c |w_ck| per
+    feature and max_c b_c (the shift bound's terms)."""
+
+    table: Tensor
+    narrow: bool
+    weight_scale: Tensor | None = None
+    top_bias: Tensor | None = None
+
+    @classmethod
+    def of(cls, weight: Tensor, bias: Tensor | None) -> TailTable:
+        vocabulary = weight.shape[0]
+        bias_or_zero = (bias if bias is not None else weight.new_zeros(vocabulary)).unsqueeze(1)
+        if weight.shape[1] <= NARROW_TAIL:
+            table = torch.cat([weight, bias_or_zero, weight.new_ones(vocabulary, 1)], dim=1) * LOG2_E
+            return cls(table, True, weight.abs().amax(0), bias_or_zero.max())
+        return cls(torch.cat([weight, bias_or_zero], dim=1) * LOG2_E, False)
+
+
+def tail_log_prob(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, columns: int,
+                  table: TailTable | None = None) -> Tensor:
     """log_softmax(x · weightᵀ + bias)[r, index[r]] for every row r, without writing the (rows, vocabulary)
     log-softmax: the normaliser log Σ_c exp(logit_rc) is summed over blocks of ``columns`` vocabulary rows, each
     block's logits made by one matrix product into a small buffer and exponentiated in place. The bias enters the
-    product as one more input column (of ones against the bias).
+    product as one more input column (of ones against the bias), and so does the factor log2(e) of the
+    exponentials taken as powers of 2 (:data:`LOG2_E`). ``table``: :meth:`TailTable.of` the weight and bias, when
+    the caller has it already.
 
     Shift (so that no exponential overflows): for narrow tails, the bound Σ_k |x_rk| · max_c |w_ck| + max_c b_c
     (+ SHIFT_SLACK) of every logit of row r, one more input column (−shift against ones), so a block takes one
     product, exp and sum; a row whose sum underflows (the bound far above its largest logit) is recomputed with the
     exact shift. Wider tails: the exact running maximum (online log-sum-exp). The target's logit is its own dot
     product."""
-    vocabulary = weight.shape[0]
-    bias_or_zero = bias if bias is not None else weight.new_zeros(vocabulary)
-    target = (x * weight[index]).sum(-1) + bias_or_zero[index]
+    t = table if table is not None else TailTable.of(weight, bias)
+    target = (x * weight[index]).sum(-1)
+    if bias is not None:
+        target = target + bias[index]
     ones = x.new_ones(x.shape[0], 1)
-    if x.shape[1] <= NARROW_TAIL:
-        bound = x.abs() @ weight.abs().amax(0) + bias_or_zero.max() + SHIFT_SLACK
+    if t.narrow:
+        bound = x.abs() @ t.weight_scale + t.top_bias + SHIFT_SLACK
         shifted_x = torch.cat([x, ones, -bound.unsqueeze(1)], dim=1)
-        shifted_w = torch.cat([weight, bias_or_zero.unsqueeze(1), weight.new_ones(vocabulary, 1)], dim=1)
-        log_sum = _shifted_log_sum_exp(shifted_x, shifted_w, columns)
+        log_sum = _shifted_log_sum_exp(shifted_x, t.table, columns)
         low = log_sum < UNDERFLOW_LOG
         if bool(low.any()):
-            log_sum[low] = _online_log_sum_exp(shifted_x[low][:, :-1], shifted_w[:, :-1], columns) - bound[low]
+            log_sum[low] = _online_log_sum_exp(shifted_x[low][:, :-1], t.table[:, :-1], columns) - bound[low]
         normaliser = bound + log_sum
     else:
-        biased_w = torch.cat([weight, bias_or_zero.unsqueeze(1)], dim=1)
-        normaliser = _online_log_sum_exp(torch.cat([x, ones], dim=1), biased_w, columns)
+        normaliser = _online_log_sum_exp(torch.cat([x, ones], dim=1), t.table, columns)
     return target - normaliser
 
 
 def _shifted_log_sum_exp(x: Tensor, weight: Tensor, columns: int) -> Tensor:
-    """log Σ_c exp(x_r · w_c), the shift (and bias) being columns of x and weight."""
+    """ln Σ_c 2^(x_r · w_c), the shift (and bias) being columns of x and weight (which carries the log2(e))."""
     rows, vocabulary = x.shape[0], weight.shape[0]
     buffer = x.new_empty(rows * min(columns, vocabulary))
     total = x.new_zeros(rows)
     for c in range(0, vocabulary, columns):
         w = weight[c : c + columns]
         logits = torch.mm(x, w.t(), out=buffer[: rows * len(w)].view(rows, len(w)))
-        total += logits.exp_().sum(1)
+        total += logits.exp2_().sum(1)
     return total.log_()
 
 
 def _online_log_sum_exp(x: Tensor, weight: Tensor, columns: int) -> Tensor:
-    """log Σ_c exp(x_r · w_c) with the exact running maximum of each row as its shift."""
+    """ln Σ_c 2^(x_r · w_c) (weight carries the log2(e)) with the exact running maximum of each row as its shift."""
     rows, vocabulary = x.shape[0], weight.shape[0]
     buffer = x.new_empty(rows * min(columns, vocabulary))
     high = x.new_full((rows,), float("-inf"))
@@ -462,9 +488,10 @@ def _online_log_sum_exp(x: Tensor, weight: Tensor, columns: int) -> Tensor:
         w = weight[c : c + columns]
         logits = torch.mm(x, w.t(), out=buffer[: rows * len(w)].view(rows, len(w)))
         new_high = torch.maximum(high, logits.amax(1))
-        total.mul_(torch.exp(high - new_high)).add_(logits.sub_(new_high.unsqueeze(1)).exp_().sum(1))
+        total.mul_(torch.exp2(high - new_high)).add_(logits.sub_(new_high.unsqueeze(1)).exp2_().sum(1))
         high = new_high
-    return high + total.log()
+    # the maximum back to natural units in float64 (one rounding, to the result's dtype)
+    return (high.double() / LOG2_E + total.double().log()).to(x.dtype)
 
 
 class AdaptiveSoftmax(nn.Module):
@@ -533,6 +560,7 @@ class AdaptiveSoftmax(nn.Module):
     def _log_prob_fused(self, h: Tensor, targets: Tensor) -> Tensor:
         """The reference path's values without its tail log-softmax buffers: the head bin (with the cluster
         columns) by log-softmax per block of ``fused_rows`` rows, each tail bin by :func:`tail_log_prob`."""
+        tables = [TailTable.of(layer.weight, layer.bias) for layer in self.layers[1:]]
         parts = []
         for i in range(0, len(h), self.fused_rows):
             block, block_targets = h[i : i + self.fused_rows], targets[i : i + self.fused_rows]
@@ -545,7 +573,7 @@ class AdaptiveSoftmax(nn.Module):
                 lo, hi = self.edges[j], self.edges[j + 1]
                 table = self.layers[j]
                 tail = tail_log_prob(self.projections[j - 1](block), table.weight, table.bias,
-                                     block_targets.clamp(lo, hi - 1) - lo, self.fused_columns)
+                                     block_targets.clamp(lo, hi - 1) - lo, self.fused_columns, tables[j - 1])
                 out = torch.where(block_targets >= lo, head_lp[:, -j] + tail, out)
             parts.append(out)
         return torch.cat(parts)
