@@ -416,8 +416,8 @@ LOG2_E = 1.0 / math.log(2.0)
 @dataclass(frozen=True)
 class TailTable:
     """What :func:`tail_log_prob` needs of a tail's weights, made once for all the row blocks of a call: the
-    table [w | b | 1] (narrow tails) or [w | b] (wide ones), times log2(e), and for narrow tails max_c |w_ck| per
-    feature and max_c b_c (the shift bound's terms)."""
+    table [w | b | 1] times log2(e), and for narrow tails max_c |w_ck| per feature and max_c b_c (the shift
+    bound's terms)."""
 
     table: Tensor
     narrow: bool
@@ -428,42 +428,41 @@ class TailTable:
     def of(cls, weight: Tensor, bias: Tensor | None) -> TailTable:
         vocabulary = weight.shape[0]
         bias_or_zero = (bias if bias is not None else weight.new_zeros(vocabulary)).unsqueeze(1)
+        table = torch.cat([weight, bias_or_zero, weight.new_ones(vocabulary, 1)], dim=1) * LOG2_E
         if weight.shape[1] <= NARROW_TAIL:
-            table = torch.cat([weight, bias_or_zero, weight.new_ones(vocabulary, 1)], dim=1) * LOG2_E
             return cls(table, True, weight.abs().amax(0), bias_or_zero.max())
-        return cls(torch.cat([weight, bias_or_zero], dim=1) * LOG2_E, False)
+        return cls(table, False)
 
 
 def tail_log_prob(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, columns: int,
                   table: TailTable | None = None) -> Tensor:
     """log_softmax(x · weightᵀ + bias)[r, index[r]] for every row r, without writing the (rows, vocabulary)
-    log-softmax: the normaliser log Σ_c exp(logit_rc) is summed over blocks of ``columns`` vocabulary rows, each
-    block's logits made by one matrix product into a small buffer and exponentiated in place. The bias enters the
-    product as one more input column (of ones against the bias), and so does the factor log2(e) of the
-    exponentials taken as powers of 2 (:data:`LOG2_E`). ``table``: :meth:`TailTable.of` the weight and bias, when
-    the caller has it already.
+    log-softmax: the normaliser log Σ_c exp(logit_rc − shift_r) + shift_r is summed over blocks of ``columns``
+    vocabulary rows, each block's shifted logits made by one matrix product into a small buffer, exponentiated in
+    place and summed. The bias and the shift enter the product as two more input columns (ones against the bias,
+    −shift against ones), and so does the factor log2(e) of the exponentials taken as powers of 2
+    (:data:`LOG2_E`). ``table``: :meth:`TailTable.of` the weight and bias, when the caller has it already.
 
-    Shift (so that no exponential overflows): for narrow tails, the bound Σ_k |x_rk| · max_c |w_ck| + max_c b_c
-    (+ SHIFT_SLACK) of every logit of row r, one more input column (−shift against ones), so a block takes one
-    product, exp and sum; a row whose sum underflows (the bound far above its largest logit) is recomputed with the
-    exact shift. Wider tails: the exact running maximum (online log-sum-exp). The target's logit is its own dot
-    product."""
+    The shift, so that no exponential overflows: for narrow tails, the bound Σ_k |x_rk| · max_c |w_ck| + max_c b_c
+    (+ SHIFT_SLACK) of every logit of row r; a row whose sum underflows (the bound far above its largest logit) is
+    recomputed with the exact running maximum (online log-sum-exp). Wider tails (where that bound is loose): the
+    largest logit of the row's first block of columns; a row whose sum overflows (a later logit more than ~88 above
+    it) is recomputed exactly. The target's logit is its own dot product."""
     t = table if table is not None else TailTable.of(weight, bias)
     target = (x * weight[index]).sum(-1)
     if bias is not None:
         target = target + bias[index]
     ones = x.new_ones(x.shape[0], 1)
+    biased_x = torch.cat([x, ones], dim=1)
     if t.narrow:
-        bound = x.abs() @ t.weight_scale + t.top_bias + SHIFT_SLACK
-        shifted_x = torch.cat([x, ones, -bound.unsqueeze(1)], dim=1)
-        log_sum = _shifted_log_sum_exp(shifted_x, t.table, columns)
-        low = log_sum < UNDERFLOW_LOG
-        if bool(low.any()):
-            log_sum[low] = _online_log_sum_exp(shifted_x[low][:, :-1], t.table[:, :-1], columns) - bound[low]
-        normaliser = bound + log_sum
+        shift = x.abs() @ t.weight_scale + t.top_bias + SHIFT_SLACK
     else:
-        normaliser = _online_log_sum_exp(torch.cat([x, ones], dim=1), t.table, columns)
-    return target - normaliser
+        shift = (biased_x @ t.table[:columns, :-1].t()).amax(1) / LOG2_E
+    log_sum = _shifted_log_sum_exp(torch.cat([biased_x, -shift.unsqueeze(1)], dim=1), t.table, columns)
+    redo = log_sum < UNDERFLOW_LOG if t.narrow else ~torch.isfinite(log_sum)
+    if bool(redo.any()):
+        log_sum[redo] = _online_log_sum_exp(biased_x[redo], t.table[:, :-1], columns) - shift[redo]
+    return target - (shift + log_sum)
 
 
 def _shifted_log_sum_exp(x: Tensor, weight: Tensor, columns: int) -> Tensor:
