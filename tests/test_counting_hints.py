@@ -132,3 +132,4 @@ def test_mit_counted_evaluation_with_the_fast_head_counts_as_the_reference_head(
     assert fast_report.uncounted == [] and fast_report.model_dump() == reference_report.model_dump()
     assert fast.nll == pytest.approx(reference.nll, rel=1e-6)
     assert fast.perplexity == pytest.approx(reference.perplexity, rel=1e-6)
+
