@@ -153,6 +153,15 @@ def _gather(args: tuple, kwargs: dict) -> Tensor | None:
     return torch.empty(args[2].shape, dtype=args[0].dtype, device=args[0].device)
 
 
+def _offset(args: tuple, kwargs: dict) -> Tensor | None:
+    """An integer tensor plus or minus a Python int (a bin's index offset); floating ones as shape-only does."""
+    x = args[0]
+    if len(args) == 2 and not kwargs and isinstance(x, Tensor) and type(args[1]) is int:
+        if x.dtype in (torch.int64, torch.int32):
+            return _same_layout(x)
+    return META_FAST[_aten.add.Tensor](args, kwargs)
+
+
 REFERENCE_SHORTCUTS = {
     **META_FAST,
     _aten.clamp.default: _clamp,
@@ -161,6 +170,8 @@ REFERENCE_SHORTCUTS = {
     _aten._log_softmax.out: _log_softmax,
     _aten.addmm.out: _addmm_out,
     _aten.gather.default: _gather,
+    _aten.add.Tensor: _offset,
+    _aten.sub.Tensor: _offset,
 }
 """Meta outputs made directly for a priced reference (torch's meta kernels of these run Python references, ~1 ms
 a call): the shape-only table plus the ops of a blocked log-softmax head; None from an entry: ask torch."""
