@@ -76,8 +76,7 @@ def main() -> None:
     tokens = example_tokens(model.config, args.predictions + 1, seed=0)
     counter = None
     if args.counter:
-        bits = model.config.bits
-        counter = Counter(model, track="wikitext103", bits=bits, weight_bits=model.declared_weight_bits(bits))
+        counter = Counter(model, track="wikitext103", bits=model.config.bits)
     cpu = time.process_time()
     result = evaluate_stream(model, tokens, chunk=args.chunk, progress=None, counter=counter)
     cpu = time.process_time() - cpu

@@ -134,7 +134,7 @@ def mit() -> tuple[nn.Module, tuple, dict]:
     assert all(m.filled == model.config.n_seq for m in state.memory)
     assert int((state.cache.values >= 0).sum()) == model.config.n_cache
     inputs = (tokens[n * 32 : n * 33], tokens[n * 32 + 1 : n * 33 + 1], state)
-    return model, inputs, {"weight_bits": model.declared_weight_bits()}
+    return model, inputs, {"bits": model.config.bits}
 
 
 def cell(row: dict, key: str) -> str:

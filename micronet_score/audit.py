@@ -22,6 +22,7 @@ from micronet_score.counting.packed import packed_modules
 from micronet_score.counting.representation import Choice, block_options, check_choice, choose, options
 from micronet_score.counting.storage import mask_pairs, storage_key
 from micronet_score.errors import MicronetError
+from micronet_score.hints import unquantized_names
 from micronet_score.ruleset import RuleSet, load_rules
 
 Role = Literal["weight", "packed", "quantizer", "buffer"]
@@ -148,7 +149,8 @@ def audit(
     ``block_shape`` declares the block shape (of every tensor, or by name)."""
     rule_set = load_rules(rules)
     choice = check_choice(representation, rule_set)
-    policy = BitPolicy(rule_set, bits, act_bits, dict(weight_bits or {}))
+    unquantized = unquantized_names(model.named_modules()) if isinstance(model, nn.Module) else frozenset()
+    policy = BitPolicy(rule_set, bits, act_bits, dict(weight_bits or {}), unquantized=unquantized)
     if block_shape is not None and not rule_set.mask.block_sparsity:
         raise MicronetError(f"rule set {rule_set.name} does not allow block sparsity: drop block_shape")
     if isinstance(model, nn.Module):

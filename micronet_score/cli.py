@@ -268,7 +268,7 @@ def _audited(loaded, options: CountOptions, block_shape=None):
     configuration's bits), with the tensors stored as ``options.representation`` says."""
     from micronet_score.audit import audit
 
-    declared = options.declared_by(loaded.model, loaded.config)
+    declared = options.declared_by(loaded.config)
     return audit(loaded.model, bits=declared.bits, weight_bits=declared.weight_bits, act_bits=declared.act_bits,
                  rules=declared.rules, block_shape=block_shape, representation=declared.representation)
 
@@ -279,7 +279,7 @@ def _declared_widths_checked(loaded, options: CountOptions, report: Report) -> R
         return report
     from micronet_score.audit import declared_width_warnings
 
-    declared = options.declared_by(loaded.model, loaded.config)
+    declared = options.declared_by(loaded.config)
     warnings = declared_width_warnings(loaded.model, bits=declared.bits, act_bits=declared.act_bits,
                                        weight_bits=declared.weight_bits, rules=declared.rules, strict=declared.strict)
     return report.model_copy(update={"warnings": [*report.warnings, *warnings]}) if warnings else report

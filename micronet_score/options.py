@@ -68,19 +68,14 @@ class CountOptions:
         """The track's name in the rule set (None when no track is named); an unknown track lists the known."""
         return self.ruleset().track_name(self.track) if self.track else None
 
-    def declared_by(self, model: Any, config: Mapping[str, Any] | None = None) -> CountOptions:
-        """The options with the widths a model declares for itself. A model with ``declared_weight_bits(bits)``
-        (e.g. the MIT model: quantized tensors at ``bits``, position table and layer norms unquantized) gets them
-        at ``bits``, or at the ``bits`` of its configuration when its file carries quantizers."""
-        if not callable(getattr(model, "declared_weight_bits", None)) or self.weight_bits is not None:
-            return self
+    def declared_by(self, config: Mapping[str, Any] | None = None) -> CountOptions:
+        """The options with the widths a model's file declares: a configuration with ``quantized`` and ``bits``
+        (the MIT model's) declares ``bits`` when the user did not. Parameters its modules declare
+        ``unquantized`` (:mod:`micronet_score.hints`) stay at their dtype's width whatever ``bits`` says."""
         config = config or {}
-        bits = self.bits
-        if bits is None and config.get("quantized") and config.get("bits"):
-            bits = int(config["bits"])
-        if bits is None:
+        if self.bits is not None or not (config.get("quantized") and config.get("bits")):
             return self
-        return replace(self, bits=bits, weight_bits=model.declared_weight_bits(bits))
+        return replace(self, bits=int(config["bits"]))
 
     @property
     def declares_widths(self) -> bool:

@@ -51,7 +51,7 @@ def track_of(loaded: LoadedModel, options: CountOptions) -> str | None:
 def make_counter(loaded: LoadedModel, options: CountOptions) -> Counter:
     """A Counter for the model, on the track asked for (else the bundled architecture's own), with the widths
     the model declares (see :meth:`CountOptions.declared_by`)."""
-    options = replace(options.declared_by(loaded.model, loaded.config), track=track_of(loaded, options))
+    options = replace(options.declared_by(loaded.config), track=track_of(loaded, options))
     return Counter(loaded.model, options)
 
 

@@ -14,7 +14,6 @@ order; position terms are gathered into the arrangement.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -44,13 +43,9 @@ class SlidingWindow:
         width: int,
         block: int = 32,
         max_queries: int = 1024,
-        keep: Callable[..., Tensor] | None = None,
     ):
-        """``keep(fn, *args)``, when given, runs the gathers of window rows (a module may declare that the
-        gathered rows keep the width of the rows, which an operation counter cannot see through a copy)."""
         self.n_queries = n_queries
         self.width = width
-        self.keep = keep
         block = max(1, min(block, width, max(n_queries, 1)))
         per_group = max(1, max_queries // block)
         full = n_queries // block
@@ -75,24 +70,21 @@ class SlidingWindow:
         after = rows.narrow(-2, g.start + self.width, n).unfold(-2, b - 1, b)
         return torch.cat([before, after], dim=-1).unfold(-1, b - 1, 1).movedim(-2, -3)
 
-    def _kept(self, gather: Callable[[Tensor, Group], Tensor], rows: Tensor, g: Group) -> Tensor:
-        return gather(rows, g) if self.keep is None else self.keep(gather, rows, g)
-
     def scores(self, q: Tensor, rows: Tensor, g: Group) -> Tensor:
         """Dot products of the group's queries with their windows, arranged: ``(..., n_blocks, block, W)``."""
         qg = self.queries(q, g)
-        shared = qg @ self._kept(self._shared, rows, g)
+        shared = qg @ self._shared(rows, g)
         if g.block == 1:
             return shared
-        ragged = (qg.unsqueeze(-2) @ self._kept(self._ragged, rows, g)).squeeze(-2)
+        ragged = (qg.unsqueeze(-2) @ self._ragged(rows, g)).squeeze(-2)
         return torch.cat([ragged, shared], dim=-1)
 
     def weighted_sum(self, p: Tensor, rows: Tensor, g: Group) -> Tensor:
         """Σ_t p[i, t] · rows[i + t] for arranged weights ``p``; returns ``(..., n_blocks * block, d)``."""
         b = g.block
-        out = p[..., b - 1 :] @ self._kept(self._shared, rows, g).transpose(-1, -2)
+        out = p[..., b - 1 :] @ self._shared(rows, g).transpose(-1, -2)
         if b > 1:
-            ragged = (p[..., : b - 1].unsqueeze(-2) @ self._kept(self._ragged, rows, g).transpose(-1, -2)).squeeze(-2)
+            ragged = (p[..., : b - 1].unsqueeze(-2) @ self._ragged(rows, g).transpose(-1, -2)).squeeze(-2)
             out = ragged + out
         return out.flatten(-3, -2)
 

@@ -40,9 +40,11 @@ import torch.nn.functional as F
 from micronet_score.models._sliding_window import SlidingWindow
 from micronet_score.models.registry import ModelSpec, register
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from micronet_score.counting.hints import priced_as
 from micronet_score.errors import MicronetError
+from micronet_score.hints import stored_at
 
 BEST_CACHE_THETA = 0.02021162425847724
 BEST_CACHE_LAMBDA = 0.15391452339546033
@@ -149,52 +151,15 @@ def _quantizer(cfg: MitLMConfig) -> nn.Module:
     return ActivationQuantizer(cfg.bits) if cfg.quantized else nn.Identity()
 
 
-class Stored(nn.Module):
-    """Concatenations and gathers of already-quantized values (the k/v memory, the cache keys, window rows).
-
-    ``forward(fn, *args)`` returns ``fn(*args)``, which must only move data. In the quantized model it declares
-    ``output_bits``: a copy of b-bit values holds b-bit values, which an operation counter cannot see through a
-    concatenation. Parameterless: the state dict is unchanged.
-    """
-
-    def __init__(self, cfg: MitLMConfig):
-        super().__init__()
-        if cfg.quantized:
-            self.output_bits = int(cfg.bits)
-
-    def forward(self, fn: Any, *args: Any) -> Tensor:
-        return fn(*args)
-
-
-class PositionScores(nn.Module):
-    """q_h · r_t for every head h, query and window column t: ``(H, L, n_k) @ (n_k, C)``, per head."""
-
-    def forward(self, q: Tensor, pos_emb: Tensor) -> Tensor:
-        return q @ pos_emb
-
-
-class WindowScores(nn.Module):
+def _window_scores(window: SlidingWindow, g: Any, q: Tensor, keys: Tensor, position: Tensor, mask: Tensor | None,
+                   scale: float) -> Tensor:
     """s = (q_h · k_{p−96+t} + q_h · r_t) · n_k^−½ over the band (plus −inf on masked zero memory)."""
-
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, window: SlidingWindow, g: Any, q: Tensor, keys: Tensor, position: Tensor,
-                mask: Tensor | None) -> Tensor:
-        columns = window.offsets(g, q.device)
-        pos = window.queries(position, g)
-        logits = window.scores(q, keys, g) + pos.gather(-1, columns.expand(pos.shape))
-        if mask is not None:
-            logits = logits + window.arrange(mask, g)
-        return logits * self.scale
-
-
-class WindowSum(nn.Module):
-    """Σ_t α_t v_{p−96+t}: the attention-weighted values of the band."""
-
-    def forward(self, window: SlidingWindow, g: Any, probs: Tensor, values: Tensor) -> Tensor:
-        return window.weighted_sum(probs, values, g)
+    columns = window.offsets(g, q.device)
+    pos = window.queries(position, g)
+    logits = window.scores(q, keys, g) + pos.gather(-1, columns.expand(pos.shape))
+    if mask is not None:
+        logits = logits + window.arrange(mask, g)
+    return logits * scale
 
 
 # ---------------------------------------------------------------------------------------------- embedding
@@ -280,12 +245,9 @@ class DecoderLayer(nn.Module):
             _quantizer(cfg),
             nn.Identity(),
         )
-        # Parameterless pieces of the attention (no state-dict keys): each term is its own row in a count.
-        self.position = PositionScores()
-        self.scores = WindowScores(cfg.n_k**-0.5)
+        self.ln1.unquantized = self.ln2.unquantized = ("weight", "bias")  # layer norms stay fp32
+        self.unquantized = ("pos_emb",)  # the position table too (quantize.py keeps both in floating point)
         self.softmax = nn.Softmax(dim=-1)
-        self.weighted = WindowSum()
-        self.stored = Stored(cfg)
         self.attention_block = 16
         self.attention_queries = 1024
 
@@ -309,18 +271,24 @@ class DecoderLayer(nn.Module):
         n = a.shape[0]
         z = self.quant_qkv(self.qkv(a)).view(n, c.n_head, 2 * c.n_k + c.n_v)  # per head [q | k | v]
         q = z[..., : c.n_k]
-        kv = self.stored(torch.cat, [memory.kv, z[..., c.n_k :]], 0)  # (n_seq + L, H, n_k + n_v)
+        # the memory holds quantized k/v of earlier calls (stored_at: the counter sees one call at a time)
+        kept = stored_at(memory.kv, c.bits) if c.quantized else memory.kv
+        kv = torch.cat([kept, z[..., c.n_k :]], 0)  # (n_seq + L, H, n_k + n_v)
         keys = kv[..., : c.n_k].transpose(0, 1)  # (H, n_seq + L, n_k)
         values = kv[..., c.n_k :].transpose(0, 1)
         qh = q.transpose(0, 1)  # (H, L, n_k)
-        position = self.position(qh, self.pos_emb)  # q_h · r_t for every head: (H, L, C)
+        # Each term of the attention is its own row in a count (record_function regions, see micronet_score.hints)
+        with record_function("position"):
+            position = qh @ self.pos_emb  # q_h · r_t for every head: (H, L, C)
         mask = self._memory_mask(memory, n, a.device)
-        window = SlidingWindow(n, c.window, self.attention_block, self.attention_queries, keep=self.stored)
+        window = SlidingWindow(n, c.window, self.attention_block, self.attention_queries)
         heads = []
         for g in window.groups:
-            logits = self.scores(window, g, qh, keys, position, mask)
+            with record_function("scores"):
+                logits = _window_scores(window, g, qh, keys, position, mask, c.n_k**-0.5)
             probs = self.quant_attn(self.softmax(logits))
-            heads.append(self.weighted(window, g, probs, values))
+            with record_function("weighted"):  # Σ_t α_t v_{p−96+t}
+                heads.append(window.weighted_sum(probs, values, g))
         out = torch.cat(heads, dim=-2).transpose(0, 1).reshape(n, c.n_head * c.n_v)
         new_memory = LayerMemory(kv[-c.n_seq :].detach(), min(c.n_seq, memory.filled + n))
         return out, new_memory
@@ -371,7 +339,6 @@ class NeuralCache(nn.Module):
     def __init__(self, cfg: MitLMConfig):
         super().__init__()
         self.cfg = cfg
-        self.stored = Stored(cfg)
         self.softmax = nn.Softmax(dim=-1)
         self.block = 64
         self.max_queries = 512
@@ -380,9 +347,10 @@ class NeuralCache(nn.Module):
         self, h: Tensor, targets: Tensor, log_p: Tensor, cache: Cache, theta: float, lam: float
     ) -> tuple[Tensor, Cache]:
         n, w = h.shape[0], self.cfg.n_cache
-        keys = self.stored(torch.cat, [cache.keys, h], 0)
+        kept = stored_at(cache.keys, self.cfg.bits) if self.cfg.quantized else cache.keys  # states of earlier calls
+        keys = torch.cat([kept, h], 0)
         values = torch.cat([cache.values, targets], dim=0)
-        window = SlidingWindow(n, w, self.block, self.max_queries, keep=self.stored)
+        window = SlidingWindow(n, w, self.block, self.max_queries)
         empty = w - cache.filled  # key rows [0, empty) are empty slots
         parts = []
         for g in window.groups:
@@ -502,6 +470,7 @@ class AdaptiveSoftmax(nn.Module):
         if cfg.cache_params:
             self.cache_theta_inv_softplus = nn.Parameter(torch.tensor(math.log(math.expm1(0.016))))
             self.cache_lambda_inv_sigmoid = nn.Parameter(torch.tensor(math.log(0.07 / 0.93)))
+            self.unquantized = ("cache_theta_inv_softplus", "cache_lambda_inv_sigmoid")  # trained fp32 scalars
         edges = cfg.bin_edges
         self.edges = edges
         if cfg.cutoffs:
@@ -664,18 +633,6 @@ class MitLM(nn.Module):
         if self.config.use_cache:
             log_p, cache = self.loss.mix_cache(h, targets, log_p, state.cache)
         return -log_p, StreamState(memory, cache)
-
-    def declared_weight_bits(self, bits: int | None = None) -> dict[str, int]:
-        """{state-dict name: bits} for the parameters: quantized tensors at ``bits``; ``pos_emb``, LayerNorm γ/β
-        and trained cache scalars are stored unquantized (32)."""
-        bits = self.config.bits if bits is None else bits
-        out = {}
-        for name, _ in self.state_dict(keep_vars=True).items():
-            if name.endswith((".max_abs", ".inv_scale")):
-                continue
-            full = name.endswith(".pos_emb") or ".ln1." in name or ".ln2." in name or ".cache_" in name
-            out[name] = 32 if full else bits
-        return out
 
 
 # ---------------------------------------------------------------------------------------------- configuration

@@ -103,8 +103,7 @@ def test_hint_whose_fast_and_reference_shapes_differ_is_an_internal_error():
 
 def _counted_eval(model: MitLM, tokens: torch.Tensor, fused: bool):
     model.loss.fused = fused
-    bits = model.config.bits
-    counter = Counter(model, track="wikitext103", bits=bits, weight_bits=model.declared_weight_bits(bits))
+    counter = Counter(model, track="wikitext103", bits=model.config.bits)
     result = evaluate_stream(model, tokens, chunk=20, counter=counter, progress=False)
     return result, counter.report()
 

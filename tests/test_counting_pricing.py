@@ -17,6 +17,7 @@ from _probes import Fn
 from torch import nn
 
 import micronet_score as ms
+from micronet_score.errors import MicronetError
 
 BUNDLED = Path(__file__).resolve().parents[1] / "rules" / "micronet-2019.toml"
 
@@ -210,6 +211,33 @@ def test_freebie_is_allowed_for_an_fp16_model():
     m, a = dot(16, 24)
     assert r.params == pytest.approx((16 * 8 + 8) / 2)
     assert r.flops == pytest.approx(m / 2 + a + 24)
+
+
+def test_double_precision_weights_and_products_count_at_64_bits():
+    model = nn.Linear(16, 8).double().eval()
+    r = ms.count(model, torch.randn(3, 16, dtype=torch.float64), samples=1)
+    assert r.params == pytest.approx((16 * 8 + 8) * 64 / 32)  # two 32-bit units per value
+    m, a = dot(16, 24)
+    # mults at the widest input (64 bits); adds at the rule set's 32-bit accumulator width (rules 1.4)
+    assert r.flops == pytest.approx(m * 64 / 32 + (a + 24))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8])
+def test_freebie_is_refused_for_weights_stored_below_16_bits_by_their_dtype(dtype):
+    model = nn.Linear(16, 8).eval().requires_grad_(False)
+    model.weight.data = model.weight.data.to(dtype)
+    with pytest.raises(MicronetError, match="freebie is not allowed: tensor 'weight' .* is 8 bits"):
+        ms.count(model, torch.randn(3, 16), samples=1, freebie=True)
+
+
+def test_freebie_is_refused_for_int8_activations():
+    class Int8Square(nn.Module):
+        def forward(self, x):
+            q = x.to(torch.int8)
+            return q * q
+
+    with pytest.raises(MicronetError, match="freebie is not allowed: an operand of aten.mul"):
+        ms.count(Int8Square(), torch.randn(3, 16), samples=1, freebie=True)
 
 
 # --- 7. one attention, one price ------------------------------------------------------------------------------------

@@ -37,8 +37,7 @@ def dense_model(config: dict | None = None, seed: int = 0) -> MitLM:
 
 
 def counter_for(model: MitLM) -> Counter:
-    bits = model.config.bits
-    return Counter(model, track="wikitext103", bits=bits, weight_bits=model.declared_weight_bits(bits))
+    return Counter(model, track="wikitext103", bits=model.config.bits)
 
 
 def quantizer_calls(model: MitLM) -> tuple[dict, list]:
@@ -91,8 +90,7 @@ def test_evaluation_counts_the_tokens_it_evaluates_and_the_bin_mix_of_their_inpu
 
 def test_example_input_gives_the_projection_costs_at_the_test_split_frequencies():
     model = dense_model(SMALL)
-    report = count(model, *example_inputs(model), track="wikitext103", bits=9,
-                   weight_bits=model.declared_weight_bits(9))
+    report = count(model, *example_inputs(model), track="wikitext103", bits=9)
     total = sum(TEST_BIN_COUNTS)  # 245,569 test tokens: 198,232 / 35,479 / 11,858 (seed 001 §3.2)
     d, dims = SMALL["n_embed"], SMALL["n_embeds"]
     assert report.samples == 10_000 and report.uncounted == []

@@ -100,13 +100,20 @@ def test_quantizer_rounds_half_to_even_by_division():
     assert q.output_bits == 9
 
 
-def test_declared_weight_bits():
-    model, _, _ = tiny_model()
-    bits = model.declared_weight_bits(9)
-    assert bits["layers.0.pos_emb"] == 32 and bits["layers.1.ln2.bias"] == 32
-    assert bits["layers.0.qkv.weight"] == 9 and bits["loss.layers.2.bias"] == 9 and bits["embed.layers.1.weight"] == 9
-    assert not any(k.endswith(("max_abs", "inv_scale")) for k in bits)
-    assert model.declared_weight_bits(4)["loss.clusters.weight"] == 4
+def test_declared_bits_cover_the_quantized_tensors_and_not_the_position_table_or_layer_norms():
+    """bits=9 stores the tensors the authors quantize at 9 bits; pos_emb and the layer norms (kept in floating point
+    by quantize.py, declared ``unquantized`` by their modules) at 32."""
+    from micronet_score import count
+
+    model, _, _ = tiny_model(dtype=torch.float32)
+    tokens = stream()
+    for b in (9, 4):
+        report = count(model, tokens[:-1], tokens[1:], bits=b)
+        tensors = {t.name: t for t in report.tensors}
+        assert tensors["layers.0.pos_emb"].bits == 32 and tensors["layers.1.ln2.bias"].bits == 32
+        assert tensors["layers.1.ln1.weight"].bits == 32
+        for name in ("layers.0.qkv.weight", "loss.layers.2.bias", "embed.layers.1.weight", "loss.clusters.weight"):
+            assert tensors[name].bits == b, name
 
 
 def test_quantizer_modules_declare_output_bits():

@@ -26,6 +26,7 @@ from micronet_score.counting.shapes import (
 )
 from micronet_score.counting.storage import FoldedNorm, Walk, WeightTable, account, settle
 from micronet_score.errors import MicronetError
+from micronet_score.hints import unquantized_names
 from micronet_score.options import OPTION_NAMES, CountOptions
 from micronet_score.report import Report, UncountedOp
 
@@ -63,13 +64,13 @@ class Counter:
         self.rules = options.ruleset()
         self.track = options.track_name()
         self.per = self.rules.tracks[self.track].per if self.track else "sample"
+        walk = Walk.of(model)
         self.policy = BitPolicy(self.rules, options.bits, options.act_bits, dict(options.weight_bits or {}),
-                                options.freebie)
+                                options.freebie, unquantized_names(walk.modules.items()))
         self.strict = options.strict
         self.representation = check_choice(options.representation, self.rules)
         self._choice_weights = Weights.of(self.rules, self.track)
         self.prices = Prices(self.rules)
-        walk = Walk.of(model)
         self._modules = walk.modules
         self._names = {id(m): path for path, m in self._modules.items()}
         self._output_bits = {

@@ -22,13 +22,24 @@ def build_report(
     warnings: list[str],
     conversions: int = 0,
 ) -> Report:
-    """The report: per module (in ``modules`` order), per op family (largest first), per tensor; raw counts over
-    everything measured, divided by ``samples``; storage and operations summed from the rows."""
+    """The report: per module (in ``modules`` order; record_function regions after their module), per op family
+    (largest first), per tensor; raw counts over everything measured, divided by ``samples``; storage and
+    operations summed from the rows."""
     n = float(samples)
     total_flops = sum(r.flops for r in rows.values()) / n
     order = {path: i for i, path in enumerate(modules)}
+
+    def place(path: str) -> tuple[int, int, str]:
+        """A module's place; a record_function region's (a row that is no module): right after its module."""
+        if path in order:
+            return order[path], 0, ""
+        parent = path
+        while parent and parent not in order:
+            parent = parent.rpartition(".")[0]
+        return order.get(parent, len(order)), 1, path
+
     layers = []
-    for path in sorted(set(storage.rows) | set(rows), key=lambda p: order.get(p, len(order))):
+    for path in sorted(set(storage.rows) | set(rows), key=place):
         s = storage.rows.get(path)
         counts = rows.get(path) or Counts()
         m, a, o, f = counts.mults / n, counts.adds / n, counts.others / n, counts.flops / n
@@ -36,7 +47,7 @@ def build_report(
         layers.append(
             LayerRow(
                 name=path,
-                type=type(module).__name__ if module is not None else "",
+                type=type(module).__name__ if module is not None else ("region" if path in rows else ""),
                 parameters=s.params if s else 0,
                 nonzeros=s.nonzeros if s else 0,
                 density=(s.nonzeros / s.params) if s and s.params else None,

@@ -17,13 +17,14 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from micronet_score.errors import MicronetError
 from micronet_score.ruleset import RuleSet
 
-FLOAT_BITS: dict[torch.dtype, int] = {torch.float16: 16, torch.bfloat16: 16}
+FLOAT_BITS: dict[torch.dtype, int] = {torch.float16: 16, torch.bfloat16: 16, torch.float64: 64}
 FLOAT_BITS.update(
     {getattr(torch, name): 8 for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
      if hasattr(torch, name)}
 )
-"""Floating-point dtypes narrower than the default width: a value of one has its dtype's width (storage, and
-the width of the multiplies it enters), as an fp16 or bf16 model and autocast produce."""
+"""Floating-point dtypes of another width than the default (fp32): a value of one has its dtype's width
+(storage, and the width of the multiplies it enters), as an fp16 or bf16 model and autocast produce; an fp64
+model counts 64 bits (two 32-bit units per value), never the default's 32."""
 
 
 @dataclass
@@ -35,6 +36,8 @@ class BitPolicy:
     act_bits: int | None = None
     weight_bits: Mapping[str, int] = field(default_factory=dict)
     freebie: bool = False
+    unquantized: frozenset[str] = frozenset()
+    """parameters the model declares unquantized (:mod:`micronet_score.hints`): ``bits`` does not cover them"""
 
     def __post_init__(self) -> None:
         declared = {"bits": self.bits, "act_bits": self.act_bits}
@@ -65,11 +68,21 @@ class BitPolicy:
         for name in names:
             if name in self.weight_bits:
                 return self.weight_bits[name]
-        return self.bits if is_parameter else None
+        if not is_parameter or any(name in self.unquantized for name in names):
+            return None
+        return self.bits
 
     def activation_of(self, dtype: torch.dtype) -> int:
-        """Width of an activation nobody marked: the declared activation width, else its dtype's (fp16: 16)."""
-        return self.act_bits or FLOAT_BITS.get(dtype) or self.rules.default_bits
+        """Width of an activation nobody marked: the declared activation width, else its dtype's (fp16: 16,
+        fp64: 64)."""
+        if self.act_bits:
+            return self.act_bits
+        width = FLOAT_BITS.get(dtype)
+        if width is None:
+            return self.rules.default_bits
+        if self.freebie:
+            self.check_freebie(width, f"an activation of dtype {str(dtype).removeprefix('torch.')}")
+        return width
 
     @property
     def scale_bits(self) -> int:
@@ -85,6 +98,9 @@ class BitPolicy:
         """Storage width of a tensor known by these names: freebie, per-tensor, its narrow dtype's width
         (``native``: integer, quantized, fp16/bf16), global (parameters), default."""
         if self.freebie:
+            if native is not None and native > 1:  # a narrow dtype's values (fp8, int8) are quantized entries;
+                what = f"tensor {names[0]!r}" if names else "a tensor"  # 1-bit values (bool) are masks and flags
+                self.check_freebie(native, f"{what} (by its dtype)")
             return self.rules.freebie.param_bits
         for name in names:
             if name in self.weight_bits:

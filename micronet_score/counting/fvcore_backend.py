@@ -27,6 +27,7 @@ from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.interpreter import Counts, FamilyCounts
 from micronet_score.counting.storage import WeightTable, account
 from micronet_score.errors import MicronetError
+from micronet_score.hints import unquantized_names
 from micronet_score.options import CountOptions
 from micronet_score.report import Report, UncountedOp
 
@@ -128,7 +129,8 @@ def count_fvcore(
         raise MicronetError("the fvcore backend cannot pass keyword arguments to forward (trace limitation)")
     ruleset, bits, freebie, strict = options.ruleset(), options.bits, options.freebie, options.strict
     track = options.track_name()
-    policy = BitPolicy(ruleset, bits, options.act_bits, dict(options.weight_bits or {}), freebie)
+    policy = BitPolicy(ruleset, bits, options.act_bits, dict(options.weight_bits or {}), freebie,
+                       unquantized_names(model.named_modules()))
     prices = costs.Prices(ruleset)
     analysis = JitModelAnalysis(model, tuple(example_inputs))
     analysis.set_op_handle(**_handles(prices, ruleset.folding.batch_norm_after_linear == "bias"))

@@ -31,9 +31,16 @@ from micronet_score.counting.ops import FREE, TABLE, Charge, Handler, Op, attent
 from micronet_score.counting.packed import Packed
 from micronet_score.counting.storage import FoldedNorm, TensorInfo, WeightTable, storage_key
 from micronet_score.errors import CountingBug
+from micronet_score.hints import LISTENERS
 
 _in_backward = torch._C._current_graph_task_id
 """-1 outside autograd's backward pass; the id of the graph task while it runs (on any thread)."""
+
+
+_profiler = torch.ops.profiler
+_REGION_ENTER = {_profiler._record_function_enter_new.default, _profiler._record_function_enter.default}
+_REGION_EXIT = {_profiler._record_function_exit._RecordFunction, _profiler._record_function_exit.default}
+"""``torch.profiler.record_function(name)``: ops inside are charged to the row ``<module>.<name>`` (see hints)"""
 
 
 def _unpriced(op: Op, prices: Prices) -> Charge:
@@ -227,6 +234,8 @@ class CountingMode(TorchDispatchMode):
         self.marks = Marks()
         self.tally = Tally()
         self.stack: list[str] = []
+        self.regions: list[str] = []
+        """the rows of the open record_function regions, innermost last"""
         self.converting = 0
         self.quiet = 0
         """inside an op priced as a whole (attention): its inner ops are not priced"""
@@ -263,17 +272,43 @@ class CountingMode(TorchDispatchMode):
         self._entered = True
         self._watch(True)
         try:
-            return super().__enter__()
+            entered = super().__enter__()
         except BaseException:
             self._watch(False)
             raise
+        LISTENERS.append(self)
+        return entered
 
     def __exit__(self, *exc: Any) -> None:
         self._entered = False
+        if self in LISTENERS:
+            LISTENERS.remove(self)
         try:
             super().__exit__(*exc)
         finally:
             self._watch(False)
+
+    def declare_width(self, tensor: torch.Tensor, bits: int) -> None:
+        """:func:`micronet_score.hints.stored_at`: the tensor holds b-bit values."""
+        if tensor.is_nested:
+            return
+        if not 1 <= bits <= 64:
+            raise CountingBug(f"stored_at: a width of {bits} bits (1-64)")
+        self.policy.check_freebie(bits, "a value declared stored_at")
+        self.marks.set(tensor, bits)
+
+    def _region(self, func: Any, args: tuple, out: Any) -> None:
+        """A record_function region opens (a row under the running module) or closes (regions nest: the last
+        opened closes first)."""
+        if func in _REGION_ENTER:
+            name = str(args[0]) if args else "region"
+            path = f"{self.stack[-1]}.{name}" if self.stack and self.stack[-1] else name
+            self.stack.append(path)
+            self.regions.append(path)
+        elif self.regions:
+            path = self.regions.pop()
+            if path in self.stack:
+                del self.stack[len(self.stack) - 1 - self.stack[::-1].index(path)]
 
     def _watch(self, on: bool) -> None:
         if on and not self._watching:
@@ -304,6 +339,9 @@ class CountingMode(TorchDispatchMode):
         if kwargs is None:
             kwargs = {}
         out = self._run(func, args, kwargs)
+        if func in _REGION_ENTER or func in _REGION_EXIT:
+            self._region(func, args, out)
+            return out
         if _in_backward() != -1:
             self.backward_ops += 1
             return out
@@ -503,11 +541,12 @@ class CountingMode(TorchDispatchMode):
         """Charge a bill: mults and others at the largest operand width (operands: tensors, or known widths as
         ints), adds at the accumulator width. A negative count is a bug: it stops the count, naming op and
         module."""
-        if self._fixed is not None:
+        if self._fixed is not None:  # the freebie: fixed widths, refused where an operand is quantized below them
             mult_bits, other_bits = self._fixed
             for t in operands:
                 if isinstance(t, torch.Tensor):
-                    self.width(t)
+                    self.policy.check_freebie(self.width(t), f"an operand of {func.namespace}."
+                                              f"{func.overloadpacket.__name__} (dtype {t.dtype})")
         else:
             widest = None  # max(widths, default=activation), without a generator on every op
             for t in operands:
@@ -643,6 +682,7 @@ class CountingMode(TorchDispatchMode):
     def finish(self) -> None:
         """Forget per-forward state (references that keep tensors alive, the module stack)."""
         self.stack.clear()
+        self.regions.clear()
         self.converting = 0
         self.quiet = 0
         self._fast_paths = 0

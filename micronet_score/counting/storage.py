@@ -220,8 +220,8 @@ class WeightTable:
 
 
 def native_bits(tensor: torch.Tensor) -> int | None:
-    """Width a tensor's integer, quantized or narrow float dtype gives its values (None for 32/64-bit floats and
-    wide integer dtypes)."""
+    """Width a tensor's integer, quantized or non-default float dtype gives its values (fp16: 16, fp64: 64; None
+    for fp32 and wide integer dtypes)."""
     if tensor.is_floating_point():
         return FLOAT_BITS.get(tensor.dtype)
     return DTYPE_BITS.get(tensor.dtype)
