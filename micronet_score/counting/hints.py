@@ -5,8 +5,9 @@ A model may have a fast computation (a fused loop, a streaming normaliser) of th
 returns ``fast(*args)``:
 
 * outside any dispatch mode (plain evaluation) it just runs ``fast(*args)`` (on real tensors);
-* under the counter (:class:`~micronet_score.counting.interpreter.CountingMode`), ``fast(*args)`` runs with
-  its ops unpriced, and ``reference(*args)`` is priced by running it on meta copies (same shapes, strides and
+* under the counter (:class:`~micronet_score.counting.interpreter.CountingMode`), ``fast(*args)`` runs outside
+  the dispatch and function modes (unpriced, at plain speed; every tensor of ``args`` and of the reference's
+  module counts as read), and ``reference(*args)`` is priced by running it on meta copies (same shapes, strides and
   dtypes, no values) of the tensors in ``args`` and of the parameters and buffers of the module that
   ``reference`` is a method of. Each copy stands for its real tensor: a weight's copy has the weight's stored
   width and representation, a quantizer-marked activation's copy has its mark, and the real tensors count as
@@ -18,7 +19,8 @@ returns ``fast(*args)``:
 
 The reference must be shape-only: its ops may depend on the shapes of its inputs but not on their values (a
 ``masked_select`` or ``nonzero`` has no meta result to price). The fast and reference results must have the same
-shapes and dtypes (checked: a mismatch is an internal error, never a silent count).
+shapes and dtypes (checked: a mismatch is an internal error, never a silent count). The other hints a model
+gives the counter (regions, ``stored_at``, ``unquantized``) are in :mod:`micronet_score.hints`.
 """
 
 from __future__ import annotations
