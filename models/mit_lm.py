@@ -140,7 +140,10 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("inv_scale", torch.tensor(1.0))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.round(torch.clamp(x, -self.max_abs, self.max_abs) / self.inv_scale) * self.inv_scale
+        clamped = torch.clamp(x, -self.max_abs, self.max_abs)
+        if torch.is_grad_enabled():
+            return torch.round(clamped / self.inv_scale) * self.inv_scale
+        return clamped.div_(self.inv_scale).round_().mul_(self.inv_scale)  # evaluation: one buffer, not four
 
     def extra_repr(self) -> str:
         return f"bits={self.output_bits}"
