@@ -4,11 +4,12 @@ n_cache 3000) with random weights, on a generated stream with the test split's b
     .venv/bin/python benchmarks/bench_mit_eval.py [--predictions 245568] [--chunk 4032] [--counter] [--threads N]
 
 Reports tokens/s, the extrapolated time for the 245,568 test predictions and peak RSS, as JSON (one entry per
-mode, "plain", "plain-reference-head" or "counter", in benchmarks/results/mit_eval.json; run each mode in its own
+mode, "plain", "counter" or either with "-reference-head", in benchmarks/results/mit_eval.json; run each mode in its own
 process so that the peak RSS is its own). With ``--counter`` the evaluation counts operations in the same pass with
-the real Counter (the head then runs its reference path, whose ops the rules price); ``--reference-head`` runs the
-plain evaluation through that reference path too. A plain run states its ratio to the machine's matmul limit for
-the raw operations that a counter run of the same stream counted (run ``--counter`` first).
+the real Counter, as ``micronet-score eval`` does: the fused head runs, priced as its reference path through a
+pricing hint (``counting/hints.py``); ``--reference-head`` runs the reference path itself (plain or counted), for
+comparison ("plain-reference-head" / "counter-reference-head"). A plain run states its ratio to the machine's
+matmul limit for the raw operations that a counter run of the same stream counted (run ``--counter`` first).
 Targets (issue 16): at most 4x the matmul limit, at most 60 s on a quiet machine, at most 2 GB.
 """
 
@@ -81,7 +82,7 @@ def main() -> None:
     cpu = time.process_time() - cpu
     rate = result.tokens_per_second
     out = {
-        "mode": "counter" if counter else ("plain-reference-head" if args.reference_head else "plain"),
+        "mode": ("counter" if counter else "plain") + ("-reference-head" if args.reference_head else ""),
         "predictions": result.predictions,
         "chunk": args.chunk,
         "seconds": round(result.seconds, 2),

@@ -8,6 +8,8 @@ and change nothing, so a model keeps them in its plain forward.
 - Regions: ops run inside ``torch.profiler.record_function(name)`` are charged to a row ``<module>.<name>`` of
   the breakdown (the module running it, then the region's name), so parts of one forward that are not modules
   (the terms of an attention) get rows of their own.
+- :func:`priced_as`: ``priced_as(fast, reference, *args)`` runs ``fast(*args)`` and, under the counter, prices
+  ``reference(*args)`` instead, on meta copies (:mod:`micronet_score.counting.hints`).
 - ``unquantized``: a module attribute naming some of its own parameters (``("weight", "bias")``) that a declared
   ``bits`` does not cover: they are stored at their dtype's width (32 bits for fp32) unless ``weight_bits`` names
   them (a layer norm the authors kept in floating point).
@@ -37,6 +39,14 @@ def stored_at(tensor: torch.Tensor, bits: int) -> torch.Tensor:
     if LISTENERS and isinstance(tensor, torch.Tensor):
         LISTENERS[-1].declare_width(tensor, int(bits))
     return tensor
+
+
+def priced_as(fast: Any, reference: Any, *args: Any) -> Any:
+    """``fast(*args)``, priced under a counter as ``reference(*args)`` would be
+    (:func:`micronet_score.counting.hints.priced_as`)."""
+    from micronet_score.counting.hints import priced_as as run  # the counting machinery, loaded when first used
+
+    return run(fast, reference, *args)
 
 
 def unquantized_names(modules: Iterable[tuple[str, nn.Module]]) -> frozenset[str]:

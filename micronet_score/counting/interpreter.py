@@ -20,12 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from micronet_score.counting.bits import FLOAT_BITS, BitPolicy, Marks
 from micronet_score.counting.costs import Bill, Prices, dot_product
 from micronet_score.counting.flow import FLOW, Flow
 from micronet_score.counting.grid import QUANTIZED
+from micronet_score.counting.hints import REFERENCE_SHORTCUTS
 from micronet_score.counting.ops import FREE, TABLE, Charge, Handler, Op, attention_charge, mha_bill
 from micronet_score.counting.packed import Packed
 from micronet_score.counting.storage import FoldedNorm, TensorInfo, WeightTable, storage_key
@@ -380,12 +381,43 @@ class CountingMode(TorchDispatchMode):
 
     def _run_unpriced(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """Runs a fused call with the aten ops beneath it unpriced (its caller prices the call as a whole)."""
+        fast = self.meta_fast.get(func) if self.meta_fast is not None else None  # shape-only: its output directly
+        out = fast(args, kwargs) if fast is not None else None
+        if out is not None:
+            if self.watch:
+                self._taken(args)  # what the ops beneath would have taken
+            return out
         self.quiet += 1
         try:
             out = func(*args, **kwargs)
         finally:
             self.quiet -= 1
         self.facts.dots.clear()
+        return out
+
+    def hint(self, fast: Any, reference: Any, tensors: list[torch.Tensor]) -> Any:
+        """A pricing hint (:mod:`hints`): ``fast()`` runs outside the counting modes (unpriced, at plain speed)
+        and gives the result; ``reference(copies)`` runs on meta copies of ``tensors`` and is priced. Each copy
+        stands for its tensor (read for inference, the same stored width and representation, or the same mark);
+        the result takes the reference's marks."""
+        copies = self._run_unpriced(
+            lambda: [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tensors], (), {})
+        for real, copy in zip(tensors, copies, strict=True):
+            self._taken((real,))
+            self.copied(real, copy)
+        with torch._C.DisableTorchFunction(), _disable_current_modes():
+            out = fast()
+        shortcuts, self.meta_fast = self.meta_fast, self.meta_fast or REFERENCE_SHORTCUTS
+        try:
+            priced = reference(copies)
+        finally:
+            self.meta_fast = shortcuts
+        got, want = _flat(out), _flat(priced)
+        if [(t.shape, t.dtype) for t in got] != [(t.shape, t.dtype) for t in want]:
+            raise CountingBug(f"internal error: a pricing hint's fast computation gave {[tuple(t.shape) for t in got]}"
+                              f" but its reference {[tuple(t.shape) for t in want]}; please report it")
+        for real, copy in zip(got, want):
+            self.copied(copy, real)
         return out
 
     def attention(self, func: Any, args: tuple, kwargs: dict) -> Any:

@@ -8,7 +8,12 @@ masks) under the meta keys, and what it learns about storage (tensors read, fold
 The real model is only read: its values, attributes and version counters stay as they were.
 
 A forward whose control flow depends on tensor values (``if x.sum() > 0``, ``.item()``, ``.tolist()``,
-``nonzero``) cannot run on meta tensors: :class:`MicronetError` says so, and to count without shape_only.
+``nonzero``) cannot run on meta tensors: :class:`MicronetError` says so, and to count without shape_only. The
+ops whose result depends on values (DATA_DEPENDENT) are refused by name on meta tensors, never given an assumed
+size; mixture-of-experts layers count when their shapes do not depend on the routing (``_grouped_mm``).
+
+For speed, the outputs of the ops whose meta kernels are slow Python references are made directly (META_FAST),
+each with exactly the sizes, strides and dtype torch's kernel gives it (counting.layouts).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from micronet_score.counting import layouts
 from micronet_score.counting.storage import Pruned, Walk, WeightTable, storage_key
 from micronet_score.errors import MicronetError
 
@@ -209,21 +215,29 @@ META_FALLBACKS = {
 
 
 # --- fast meta outputs -------------------------------------------------------------------------------------
-# torch's meta kernels for batch norm and activations run its Python reference implementations (0.3 to 0.9 ms
-# an op, more than the real CPU op on small inputs). For these ops the output is exactly an empty tensor like
-# the input, so shape-only counting makes it directly; any case not listed exactly falls back to torch (None).
+# torch's meta kernels for elementwise ops, cat, batch norm and activations run its Python reference
+# implementations (0.1 to 0.9 ms an op, more than the real CPU op on small inputs, and most of a large model's
+# shape-only forward). For the cases below the output's sizes, strides and dtype are made directly, exactly as
+# torch's meta kernel makes them (tests/test_meta_layouts.py sweeps layouts against it); any other case falls
+# back to torch (None).
+
+
+def _plain(x: Any) -> bool:
+    """A tensor whose strides are exactly the contiguous strides of its sizes (size-1 dims included): every
+    kernel's output like it is laid out the same."""
+    return isinstance(x, torch.Tensor) and x.is_contiguous() and x.stride() == layouts.contiguous(tuple(x.shape))
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:
-    """torch.empty_like (itself a Python reference on meta, ~20 us) for contiguous tensors, in ~1 us."""
-    if x.is_contiguous():
-        return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
-    return torch.empty_like(x)
+    """torch.empty_like of a _plain tensor (itself a Python reference on meta, ~20 us), in ~1 us."""
+    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
 
 
-def _like_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+def _activation(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """An activation of a _plain tensor (torch's meta kernels for activations differ from one another on other
+    layouts)."""
     x = args[0]
-    return _like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+    return _like(x) if _plain(x) and x.is_floating_point() else None
 
 
 def _in_place(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -232,7 +246,7 @@ def _in_place(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def _batch_norm_outputs(x: Any, weight: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() < 2:
+    if not _plain(x) or x.dtype != torch.float32 or x.dim() < 2:
         return None
     if weight is not None and (not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32):
         return None
@@ -248,32 +262,54 @@ def _batch_norm_no_training(args: tuple, kwargs: dict) -> tuple | None:
     return _batch_norm_outputs(args[0], args[1]) if len(args) >= 7 and not kwargs else None
 
 
+def _elementwise(tensors: list[torch.Tensor], dtype: torch.dtype, opmath: bool = True) -> torch.Tensor | None:
+    """The output of an elementwise op of these tensors (on one device) at ``dtype``, laid out as torch's meta
+    kernels lay it out (counting.layouts), or None for torch to make it. ``opmath``: the op computes in
+    layouts.computation_dtype (inputs of another dtype are converted first); else its inputs are taken as
+    they are."""
+    first = tensors[0]
+    device = first.device
+    if any(t.device != device for t in tensors):
+        return None
+    if (
+        all(t.shape == first.shape and t.is_contiguous() for t in tensors)
+        and first.numel()
+        and not (first.dim() == 4 and all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors))
+    ):  # the common case, decided by torch's own flags: contiguous inputs of one shape give a contiguous output
+        return torch.empty(first.shape, dtype=dtype, device=device)
+    compute = layouts.computation_dtype(dtype) if opmath else None
+    layout = layouts.elementwise([(tuple(t.shape), t.stride(), opmath and t.dtype != compute) for t in tensors])
+    if layout is None:
+        return None
+    return torch.empty_strided(layout[0], layout[1], dtype=dtype, device=device)
+
+
 def _pointwise(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """Floating elementwise arithmetic of row-major tensors on one device (and numbers): the broadcast shape at
-    the promoted dtype (torch.result_type), contiguous, as torch's kernels make it for such inputs."""
-    if len(args) > 2 or set(kwargs) - {"alpha"}:
+    """Floating elementwise arithmetic of tensors of any layout (and numbers): the broadcast shape at the promoted
+    dtype (torch.result_type)."""
+    if len(args) > 2 or set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1:
         return None
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if not tensors or any(isinstance(a, bool) or not isinstance(a, (torch.Tensor, int, float)) for a in args):
         return None
-    device = tensors[0].device
-    if any(not t.is_floating_point() or not _row_major(t) or t.device != device for t in tensors):
+    if any(not t.is_floating_point() for t in tensors):
         return None
     dtype = torch.result_type(args[0], args[1]) if len(args) == 2 else tensors[0].dtype
-    return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device=device)
+    return _elementwise(tensors, dtype)
+
+
+def _power(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """pow(x, exponent) of a floating tensor, an elementwise op (but x ** 1, which torch's reference makes a copy
+    of x, left to torch)."""
+    if kwargs or len(args) != 2 or isinstance(args[1], bool) or not isinstance(args[1], (int, float)):
+        return None
+    return None if args[1] == 1 else _pointwise(args, kwargs)
 
 
 def _triangle(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """tril(x, diagonal) of a contiguous tensor: like its input, whatever its dtype."""
     x = args[0]
-    return _like(x) if isinstance(x, torch.Tensor) and x.is_contiguous() and x.dim() >= 2 else None
-
-
-def _row_major(t: torch.Tensor) -> bool:
-    """Strides that do not grow along the dims (contiguous, or a slice of a contiguous tensor): torch lays the
-    output of elementwise ops on such inputs out contiguously."""
-    strides = [st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1]
-    return all(a >= b for a, b in zip(strides, strides[1:], strict=False))
+    return _like(x) if _plain(x) and x.dim() >= 2 else None
 
 
 def _mean_dim(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -290,23 +326,34 @@ def _mean_dim(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def _cat(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """cat of contiguous floating tensors of one dtype, rank and device along one dim."""
+    """cat of tensors of one dtype and device along one dim (1-d empty tensors skipped, as torch allows):
+    channels-last when every input's strides suggest it, else contiguous."""
     if kwargs or not args or len(args) > 2 or not isinstance(args[0], (list, tuple)) or not args[0]:
         return None
     tensors, dim = args[0], args[1] if len(args) == 2 else 0
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or not isinstance(dim, int):
+        return None
     first = tensors[0]
-    if not all(
-        isinstance(t, torch.Tensor) and t.dtype == first.dtype and t.dim() == first.dim() > 0
-        and t.device == first.device and t.is_floating_point() and t.is_contiguous()
-        for t in tensors
-    ):
+    if any(t.dtype != first.dtype or t.device != first.device or t.layout != torch.strided for t in tensors):
         return None
-    dim %= first.dim()
-    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1 :] != first.shape[dim + 1 :] for t in tensors):
+    kept = [t for t in tensors if not (t.dim() == 1 and t.shape[0] == 0)]
+    if not kept or any(t.dim() != kept[0].dim() for t in kept) or kept[0].dim() == 0:
         return None
-    shape = list(first.shape)
-    shape[dim] = sum(t.shape[dim] for t in tensors)
-    return torch.empty(shape, dtype=first.dtype, device=first.device)
+    rank = kept[0].dim()
+    dim %= rank
+    shape = list(kept[0].shape)
+    if any(t.shape[:dim] != kept[0].shape[:dim] or t.shape[dim + 1 :] != kept[0].shape[dim + 1 :] for t in kept):
+        return None
+    shape[dim] = sum(t.shape[dim] for t in kept)
+    if 0 in shape:
+        return None
+    sizes = tuple(shape)
+    channels_last = all(layouts.like_channels_last(tuple(t.shape), t.stride()) for t in tensors)
+    if channels_last and all(t.dim() == rank for t in tensors):
+        strides = layouts.dense_in_order(sizes, [0, *range(2, rank), 1])
+    else:
+        strides = layouts.contiguous(sizes)
+    return torch.empty_strided(sizes, strides, dtype=first.dtype, device=first.device)
 
 
 def _convolution(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -357,7 +404,7 @@ def _layer_norm(args: tuple, kwargs: dict) -> tuple | None:
     if kwargs or len(args) != 5:
         return None
     x, shape = args[0], args[1]
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not 0 < len(shape) <= x.dim():
+    if not _plain(x) or x.dtype != torch.float32 or not 0 < len(shape) <= x.dim():
         return None
     stats = (*x.shape[: x.dim() - len(shape)], *([1] * len(shape)))
     return _like(x), x.new_empty(stats), x.new_empty(stats)
@@ -368,31 +415,140 @@ def _softmax_out(args: tuple, kwargs: dict) -> torch.Tensor | None:
     x = args[0]
     if kwargs.get("dtype") is not None or (len(args) > 2 and args[2] not in (False, None)):
         return None
-    return _like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+    return _like(x) if _plain(x) and x.is_floating_point() else None
 
 
 def _where(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """where(condition, a, b) of a boolean condition and two float tensors of one dtype: the broadcast shape."""
+    """where(condition, a, b) of a boolean condition and two float tensors of one dtype: the broadcast shape,
+    laid out by all three (the condition first, as torch's reference orders them)."""
     if kwargs or len(args) != 3 or not all(isinstance(t, torch.Tensor) for t in args):
         return None
     condition, a, b = args
     if condition.dtype != torch.bool or a.dtype != b.dtype or not a.is_floating_point():
         return None
-    return torch.empty(torch.broadcast_shapes(condition.shape, a.shape, b.shape), dtype=a.dtype, device=a.device)
+    return _elementwise([condition, a, b], a.dtype, opmath=False)
+
+
+def _grouped_mm(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """_grouped_mm(a, b, offs, bias, out_dtype) of floating tensors of one dtype (torch's meta kernel accepts only
+    bfloat16; the CPU kernel any float). The output's shape does not depend on the offsets' values: a 2-d a
+    (rows, k) with a 3-d b (groups, k, n) gives (rows, n); 3-d with 2-d (groups, m, k) x (k, n) gives (m, n); 2-d
+    with 2-d (k split in offs.numel() groups) gives (groups, m, n); 3-d with 3-d a batched product (groups, m, n).
+    Laid out as the meta kernel lays it out (rows padded to 16 bytes on a CUDA build of torch). Other cases (a
+    bias, mixed dtypes, mismatched dims): None, torch's meta kernel decides."""
+    names = ("offs", "bias", "out_dtype")
+    options = dict(zip(names, args[2:], strict=False)) | kwargs
+    a, b, offs = args[0], args[1], options.get("offs")
+    if set(options) - set(names) or options.get("bias") is not None:
+        return None
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype:
+        return None
+    if not a.is_floating_point() or a.dim() not in (2, 3) or b.dim() not in (2, 3):
+        return None
+    if (a.dim() == 3 or b.dim() == 3) and a.shape[-1] != b.shape[-2]:
+        return None
+    if (a.dim() == 3 and b.dim() == 3) != (offs is None):
+        return None
+    if a.dim() == 2 and b.dim() == 2:
+        sizes = [offs.shape[0], a.shape[0], b.shape[1]]
+    elif a.dim() == 2:
+        sizes = [a.shape[0], b.shape[-1]]
+    elif b.dim() == 2:
+        sizes = [a.shape[1], b.shape[1]]
+    else:
+        sizes = [a.shape[0], a.shape[1], b.shape[-1]]
+    dtype = options.get("out_dtype") or a.dtype
+    if torch.version.cuda:
+        align = 16 // dtype.itemsize
+        row = (sizes[-1] + align - 1) // align * align
+        strides = [sizes[1] * row, row, 1] if len(sizes) == 3 else [row, 1]
+        return torch.empty_strided(sizes, strides, dtype=dtype, device=a.device)
+    return torch.empty(sizes, dtype=dtype, device=a.device)
+
+
+DATA_DEPENDENT = (
+    "nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive",
+    "bincount", "_local_scalar_dense", "repeat_interleave.Tensor", "repeat_interleave.self_Tensor",
+)  # fmt: skip
+"""Ops (name or name.overload) whose output's shape (or value: .item(), .tolist()) depends on their input's
+values; repeat_interleave only without an output_size."""
+
+
+def _data_dependent(name: str) -> Any:
+    def refuse(args: tuple, kwargs: dict) -> None:
+        if not any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args):
+            return None  # a tensor with values (a CPU constant made during the forward)
+        if kwargs.get("output_size") is not None:
+            return None  # repeat_interleave told its output's size: no values needed
+        shown = "Tensor.item() / .tolist()" if name == "_local_scalar_dense" else f"aten.{name}"
+        raise MicronetError(
+            f"shape-only counting runs the forward on meta tensors, which have no values, and this forward calls "
+            f"{shown}, whose result depends on the values: count without shape_only (a real run). A Hugging Face "
+            "mixture-of-experts model counts shape-only with the grouped_mm or batched_mm experts implementation "
+            "(experts_implementation in config.json, config._experts_implementation in Python), whose shapes do not "
+            "depend on the routing"
+        )
+
+    return refuse
+
+
+def _attention(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) of floating
+    tensors of one dtype: what torch's math path (the one it takes on meta) returns, a contiguous (..., L, Ev)
+    at q's dtype, without running its dozen ops. Batch dims must match (key/value heads may divide the query's
+    with enable_gqa) and a mask broadcast to (..., L, S); anything else is left to torch."""
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    options = dict(zip(names, args[3:], strict=False)) | kwargs
+    q, k, v = args[:3]
+    if set(options) - set(names) or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return None
+    if not q.is_floating_point() or not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        return None
+    if not 2 <= q.dim() == k.dim() == v.dim() or q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return None
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not q.shape[:-3] == k.shape[:-3] == v.shape[:-3]:
+        return None
+    if q.dim() >= 3 and not (q.shape[-3] == k.shape[-3] == v.shape[-3] or (
+        options.get("enable_gqa") and k.shape[-3] == v.shape[-3] and q.shape[-3] % k.shape[-3] == 0
+    )):  # fmt: skip
+        return None
+    mask = options.get("attn_mask")
+    if mask is not None:
+        scores = (*q.shape[:-1], k.shape[-2])
+        if not isinstance(mask, torch.Tensor) or layouts.broadcast([scores, tuple(mask.shape)]) != scores:
+            return None
+        if options.get("is_causal"):
+            return None  # torch refuses a mask with is_causal
+    return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+
+
+def _on_meta(make: Any) -> Any:
+    """``make`` for ops whose tensors are all on meta: a tensor with values made during the forward (a CPU
+    constant) is computed by torch, its values needed later."""
+
+    def made(args: tuple, kwargs: dict) -> Any:
+        for arg in args:
+            for t in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    return None
+        return make(args, kwargs)
+
+    return made
 
 
 def _fast_table() -> dict[Any, Any]:
     table: dict[Any, Any] = {}
     for name in ("relu", "hardtanh", "relu6", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "gelu"):
         if hasattr(_aten, name):
-            table[getattr(_aten, name).default] = _like_input
+            table[getattr(_aten, name).default] = _activation
         if hasattr(_aten, f"{name}_"):
             table[getattr(_aten, f"{name}_").default] = _in_place
     table[_aten.native_batch_norm.default] = _native_batch_norm
     table[_aten._native_batch_norm_legit_no_training.default] = _batch_norm_no_training
     for op in (_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor, _aten.mul.Scalar,
-               _aten.div.Scalar, _aten.pow.Tensor_Scalar, _aten.neg.default, _aten.rsqrt.default):
+               _aten.div.Scalar, _aten.neg.default, _aten.rsqrt.default):
         table[op] = _pointwise
+    table[_aten.pow.Tensor_Scalar] = _power
     table[_aten.tril.default] = _triangle
     table[_aten.mean.dim] = _mean_dim
     table[_aten.cat.default] = _cat
@@ -404,8 +560,18 @@ def _fast_table() -> dict[Any, Any]:
     if hasattr(_aten, "_safe_softmax"):
         table[_aten._safe_softmax.default] = _softmax_out
     table[_aten.where.self] = _where
+    table[torch.nn.functional.scaled_dot_product_attention] = _attention  # a function: the fused call, unpriced
+    if hasattr(_aten, "_grouped_mm"):
+        table[_aten._grouped_mm.default] = _grouped_mm
+    table = {op: _on_meta(make) for op, make in table.items()}
+    for name in DATA_DEPENDENT:
+        packet, _, only = name.partition(".")
+        for overload in [only] if only else getattr(_aten, packet).overloads():
+            if not overload.endswith("out"):
+                table[getattr(getattr(_aten, packet), overload)] = _data_dependent(name)
     return table
 
 
 META_FAST = _fast_table()
-"""OpOverload -> its meta output made directly (None: ask torch)."""
+"""OpOverload (or a fused function the interpreter runs unpriced) -> its meta output made directly (None: ask
+torch)."""

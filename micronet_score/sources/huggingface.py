@@ -57,7 +57,9 @@ def _model_classes(config) -> list[type]:
     """The classes that may build this config: its ``architectures`` first, then every auto class's."""
     transformers = _transformers()
     classes = [getattr(transformers, name, None) for name in getattr(config, "architectures", None) or ()]
-    autos = sorted(name for name in dir(transformers) if name.startswith("AutoModelFor")) + ["AutoModel"]
+    # the lazy module's names without dir(transformers), which takes ~0.4 s (a quadratic merge of its __all__)
+    known = {*vars(transformers), *getattr(transformers, "__all__", ())}
+    autos = sorted(name for name in known if name.startswith("AutoModelFor")) + ["AutoModel"]
     for auto in autos:
         try:
             classes.append(getattr(transformers, auto)._model_mapping[type(config)])

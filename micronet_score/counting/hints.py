@@ -1,0 +1,179 @@
+"""Pricing hints: a model computes one way and is priced as another.
+
+A model may have a fast computation (a fused loop, a streaming normaliser) of the same values as a plainer
+*reference* computation whose ops are the ones the rule set should price. ``priced_as(fast, reference, *args)``
+returns ``fast(*args)``:
+
+* outside any dispatch mode (plain evaluation) it just runs ``fast(*args)`` (on real tensors);
+* under the counter (:class:`~micronet_score.counting.interpreter.CountingMode`), ``fast(*args)`` runs outside
+  the dispatch and function modes (unpriced, at plain speed; every tensor of ``args`` and of the reference's
+  module counts as read), and ``reference(*args)`` is priced by running it on meta copies (same shapes, strides and
+  dtypes, no values) of the tensors in ``args`` and of the parameters and buffers of the module that
+  ``reference`` is a method of. Each copy stands for its real tensor: a weight's copy has the weight's stored
+  width and representation, a quantizer-marked activation's copy has its mark, and the real tensors count as
+  read. The count is the reference's, op by op and module by module (its submodules' hooks run as usual), and
+  what runs is the fast computation;
+* where an argument is a meta tensor (shape-only counting: nothing to compute) or another dispatch mode is
+  active (a different counter, a tracer), ``reference(*args)`` runs, so that what is seen is the reference
+  computation.
+
+The reference must be shape-only: its ops may depend on the shapes of its inputs but not on their values (a
+``masked_select`` or ``nonzero`` has no meta result to price). The fast and reference results must have the same
+shapes and dtypes (checked: a mismatch is an internal error, never a silent count). The other hints a model
+gives the counter (regions, ``stored_at``, ``unquantized``) are in :mod:`micronet_score.hints`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from micronet_score.counting.shapes import META_FAST
+
+T = TypeVar("T")
+
+
+def priced_as(fast: Callable[..., T], reference: Callable[..., T], *args: Any) -> T:
+    """``fast(*args)``, priced under a counter as ``reference(*args)`` would be (see the module docstring)."""
+    inputs = _tensors(args)
+    if any(t.is_meta for t in inputs):
+        return reference(*args)
+    mode = _get_current_dispatch_mode()
+    if mode is None:
+        return fast(*args)
+    if not hasattr(mode, "hint"):
+        return reference(*args)
+    owner = getattr(reference, "__self__", None)
+    owned = _owned(owner) if isinstance(owner, nn.Module) else []
+    held = list({id(t): t for _, _, t in owned}.values())  # a tied tensor once
+
+    def run_reference(copies: list[Tensor]) -> Any:
+        meta_args = _replaced(args, iter(copies[: len(inputs)]))
+        stand_ins = {id(t): c for t, c in zip(held, copies[len(inputs) :], strict=True)}
+        with _swapped(owned, stand_ins):
+            return reference(*meta_args)
+
+    return mode.hint(lambda: fast(*args), run_reference, inputs + held)
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _replaced(value: Any, copies: Iterator[Tensor]) -> Any:
+    """``value`` with each tensor replaced by the next copy (the order of :func:`_tensors`)."""
+    if isinstance(value, Tensor):
+        return next(copies)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_replaced(v, copies) for v in value)
+    return value
+
+
+def _owned(module: nn.Module) -> list[tuple[dict, str, Tensor]]:
+    """(the dict that holds it, its name, the tensor) for every parameter and buffer of ``module`` and its
+    submodules; a tensor held twice (tied weights) is listed at each place."""
+    out = []
+    for m in module.modules():
+        for slots in (m._parameters, m._buffers):
+            out.extend((slots, name, t) for name, t in slots.items() if t is not None)
+    return out
+
+
+@contextmanager
+def _swapped(owned: list[tuple[dict, str, Tensor]], stand_ins: dict[int, Tensor]) -> Iterator[None]:
+    """The module tensors replaced by their stand-ins (by tensor id) while the reference runs."""
+    for slots, name, tensor in owned:
+        slots[name] = stand_ins[id(tensor)]
+    try:
+        yield
+    finally:
+        for slots, name, tensor in owned:
+            slots[name] = tensor
+
+
+
+# ---------------------------------------------------------------------------------------------- meta outputs
+
+_aten = torch.ops.aten
+
+
+def _same_layout(x: Any, dtype: torch.dtype | None = None) -> Tensor | None:
+    """A contiguous tensor's like (torch's output layout for elementwise ops on it), else None (ask torch)."""
+    if not isinstance(x, Tensor) or not x.is_contiguous():
+        return None
+    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+
+
+def _given_out(args: tuple, kwargs: dict, shape: tuple) -> Tensor | None:
+    out = kwargs.get("out")
+    return out if isinstance(out, Tensor) and tuple(out.shape) == tuple(shape) else None
+
+
+def _clamp(args: tuple, kwargs: dict) -> Tensor | None:
+    """clamp(x, min, max) by numbers of x's kind (a float bound on an integer tensor promotes: ask torch)."""
+    x, bounds = args[0], args[1:]
+    kinds = (int,) if not x.is_floating_point() else (int, float)
+    if kwargs or x.dtype == torch.bool or not all(b is None or type(b) in kinds for b in bounds):
+        return None
+    return _same_layout(x)
+
+
+def _compare_scalar(args: tuple, kwargs: dict) -> Tensor | None:
+    return _same_layout(args[0], torch.bool) if len(args) == 2 and isinstance(args[1], (int, float)) else None
+
+
+def _log_softmax(args: tuple, kwargs: dict) -> Tensor | None:
+    x = args[0]
+    if len(args) != 3 or args[2] or not isinstance(x, Tensor) or not x.is_floating_point():
+        return None
+    if "out" in kwargs:
+        return _given_out(args, kwargs, x.shape) if x.is_contiguous() else None
+    return None if kwargs else _same_layout(x)
+
+
+def _addmm_out(args: tuple, kwargs: dict) -> Tensor | None:
+    if len(args) != 3 or set(kwargs) != {"out"} or not all(isinstance(t, Tensor) for t in args):
+        return None
+    bias, a, b = args
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or not (a.dtype == b.dtype == bias.dtype):
+        return None
+    return _given_out(args, kwargs, (a.shape[0], b.shape[1]))
+
+
+def _gather(args: tuple, kwargs: dict) -> Tensor | None:
+    if kwargs or len(args) != 3 or not isinstance(args[0], Tensor) or not isinstance(args[2], Tensor):
+        return None
+    return torch.empty(args[2].shape, dtype=args[0].dtype, device=args[0].device)
+
+
+def _offset(args: tuple, kwargs: dict) -> Tensor | None:
+    """An integer tensor plus or minus a Python int (a bin's index offset); floating ones as shape-only does."""
+    x = args[0]
+    if len(args) == 2 and not kwargs and isinstance(x, Tensor) and type(args[1]) is int:
+        if x.dtype in (torch.int64, torch.int32):
+            return _same_layout(x)
+    return META_FAST[_aten.add.Tensor](args, kwargs)
+
+
+REFERENCE_SHORTCUTS = {
+    **META_FAST,
+    _aten.clamp.default: _clamp,
+    _aten.ge.Scalar: _compare_scalar,
+    _aten._log_softmax.default: _log_softmax,
+    _aten._log_softmax.out: _log_softmax,
+    _aten.addmm.out: _addmm_out,
+    _aten.gather.default: _gather,
+    _aten.add.Tensor: _offset,
+    _aten.sub.Tensor: _offset,
+}
+"""Meta outputs made directly for a priced reference (torch's meta kernels of these run Python references, ~1 ms
+a call): the shape-only table plus the ops of a blocked log-softmax head; None from an entry: ask torch."""
