@@ -6,6 +6,8 @@ Imported by the package's ``__init__`` (this module imports nothing heavy), so t
 - while a command runs (:func:`raising`), Ctrl-C raises ``KeyboardInterrupt``: cleanups run (no half-written cache
   file) and the command reports one line starting "interrupted" (with what it measured so far) and exit code 130;
   an interrupt that library code catches and ignores is still reported when the command returns (:func:`check`);
+  one that arrives where Python would only print it and go on (a finalizer, the import machinery's lock
+  callbacks) is asked again 50 ms later, until the code has left such a place;
 - at any other moment (importing, parsing the command line, after the command) it prints "interrupted" and exits
   with 130 at once: nothing is half-done there.
 
@@ -44,14 +46,34 @@ def install() -> None:
         signal.signal(signal.SIGINT, _on_interrupt)
 
 
+RETRY_SECONDS = 0.05
+"""An interrupt that arrives where an exception would be printed and ignored is delivered again this much later."""
+
+
 def _on_interrupt(signum, frame) -> None:
     _state["interrupted"] = True
     if _state["raising"]:
+        if _swallowing(frame):
+            # Inside the import machinery's lock callbacks or a finalizer, Python prints an exception it cannot
+            # propagate ("Exception ignored in ...") and goes on: ask again once the code has left it.
+            threading.Timer(RETRY_SECONDS, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
         raise KeyboardInterrupt
     try:
         os.write(2, b"interrupted\n")
     finally:
         os._exit(INTERRUPTED)
+
+
+def _swallowing(frame) -> bool:
+    """Whether an exception raised in this frame would be printed and ignored rather than propagated: the frame or
+    a caller is in importlib's bootstrap (its module-lock weakref callbacks) or in a ``__del__`` finalizer."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename.startswith("<frozen importlib") or code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextmanager

@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from micronet_score import Counter, count
-from micronet_score.hints import priced_as
 from micronet_score.errors import CountingBug
 from micronet_score.evaluate_lm import evaluate_stream
+from micronet_score.hints import priced_as
 
 SMALL = dict(n_layers=2, n_embed=16, n_embeds=[16, 8, 4], cutoffs=[20, 50], n_vocab=100, n_head=2, n_k=4, n_v=4,
              n_inner=24, n_seq=5, n_cache=12, cache_theta=0.3, cache_lambda=0.2, bits=9)
