@@ -202,3 +202,29 @@ def test_attention_output_equals_torch_meta_math_path():
             made += 1
             assert layout(fast) == layout(expected), (q.shape, k.shape, v.shape, options)
     assert made > 40
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_log_softmax_head_ops_lay_outputs_out_as_torch_does(seed):
+    """clamp, comparisons with a number, log-softmax, integer offsets, gather and addmm(out=): the ops of a blocked
+    log-softmax head (the priced reference of counting.hints), against torch's own meta kernels."""
+    gen, tally = Layouts(seed), Tally()
+    for _ in range(100):
+        shape = gen.shape()
+        x = gen.tensor(shape, gen.rng.choice(DTYPES))
+        ids = gen.tensor(shape, torch.int64)
+        tally.check(aten.clamp.default, (x, -1.5, 2.0))
+        tally.check(aten.clamp.default, (ids, 0, 7))
+        tally.check(aten.ge.Scalar, (ids, 3))
+        tally.check(aten.add.Tensor, (ids, -5))
+        tally.check(aten.sub.Tensor, (ids, 5))
+        if x.is_floating_point():
+            tally.check(aten._log_softmax.default, (x, -1, False))
+        index = torch.empty(shape[:-1] + [1], dtype=torch.int64, device="meta")
+        tally.check(aten.gather.default, (x, len(shape) - 1, index))
+    rows, inner, cols = gen.rng.randint(1, 9), gen.rng.randint(1, 9), gen.rng.randint(1, 9)
+    a, b = torch.empty(rows, inner, device="meta"), torch.empty(inner, cols, device="meta")
+    bias, out = torch.empty(cols, device="meta"), torch.empty(rows, cols, device="meta")
+    fast = META_FAST[aten.addmm.out]((bias, a, b), {"out": out})
+    assert fast is out
+    assert tally.fast > 0

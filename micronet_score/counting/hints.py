@@ -29,11 +29,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-from micronet_score.counting.shapes import META_FAST
 
 T = TypeVar("T")
 
@@ -98,82 +95,3 @@ def _swapped(owned: list[tuple[dict, str, Tensor]], stand_ins: dict[int, Tensor]
     finally:
         for slots, name, tensor in owned:
             slots[name] = tensor
-
-
-
-# ---------------------------------------------------------------------------------------------- meta outputs
-
-_aten = torch.ops.aten
-
-
-def _same_layout(x: Any, dtype: torch.dtype | None = None) -> Tensor | None:
-    """A contiguous tensor's like (torch's output layout for elementwise ops on it), else None (ask torch)."""
-    if not isinstance(x, Tensor) or not x.is_contiguous():
-        return None
-    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
-
-
-def _given_out(args: tuple, kwargs: dict, shape: tuple) -> Tensor | None:
-    out = kwargs.get("out")
-    return out if isinstance(out, Tensor) and tuple(out.shape) == tuple(shape) else None
-
-
-def _clamp(args: tuple, kwargs: dict) -> Tensor | None:
-    """clamp(x, min, max) by numbers of x's kind (a float bound on an integer tensor promotes: ask torch)."""
-    x, bounds = args[0], args[1:]
-    kinds = (int,) if not x.is_floating_point() else (int, float)
-    if kwargs or x.dtype == torch.bool or not all(b is None or type(b) in kinds for b in bounds):
-        return None
-    return _same_layout(x)
-
-
-def _compare_scalar(args: tuple, kwargs: dict) -> Tensor | None:
-    return _same_layout(args[0], torch.bool) if len(args) == 2 and isinstance(args[1], (int, float)) else None
-
-
-def _log_softmax(args: tuple, kwargs: dict) -> Tensor | None:
-    x = args[0]
-    if len(args) != 3 or args[2] or not isinstance(x, Tensor) or not x.is_floating_point():
-        return None
-    if "out" in kwargs:
-        return _given_out(args, kwargs, x.shape) if x.is_contiguous() else None
-    return None if kwargs else _same_layout(x)
-
-
-def _addmm_out(args: tuple, kwargs: dict) -> Tensor | None:
-    if len(args) != 3 or set(kwargs) != {"out"} or not all(isinstance(t, Tensor) for t in args):
-        return None
-    bias, a, b = args
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or not (a.dtype == b.dtype == bias.dtype):
-        return None
-    return _given_out(args, kwargs, (a.shape[0], b.shape[1]))
-
-
-def _gather(args: tuple, kwargs: dict) -> Tensor | None:
-    if kwargs or len(args) != 3 or not isinstance(args[0], Tensor) or not isinstance(args[2], Tensor):
-        return None
-    return torch.empty(args[2].shape, dtype=args[0].dtype, device=args[0].device)
-
-
-def _offset(args: tuple, kwargs: dict) -> Tensor | None:
-    """An integer tensor plus or minus a Python int (a bin's index offset); floating ones as shape-only does."""
-    x = args[0]
-    if len(args) == 2 and not kwargs and isinstance(x, Tensor) and type(args[1]) is int:
-        if x.dtype in (torch.int64, torch.int32):
-            return _same_layout(x)
-    return META_FAST[_aten.add.Tensor](args, kwargs)
-
-
-REFERENCE_SHORTCUTS = {
-    **META_FAST,
-    _aten.clamp.default: _clamp,
-    _aten.ge.Scalar: _compare_scalar,
-    _aten._log_softmax.default: _log_softmax,
-    _aten._log_softmax.out: _log_softmax,
-    _aten.addmm.out: _addmm_out,
-    _aten.gather.default: _gather,
-    _aten.add.Tensor: _offset,
-    _aten.sub.Tensor: _offset,
-}
-"""Meta outputs made directly for a priced reference (torch's meta kernels of these run Python references, ~1 ms
-a call): the shape-only table plus the ops of a blocked log-softmax head; None from an entry: ask torch."""

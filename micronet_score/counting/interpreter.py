@@ -26,9 +26,9 @@ from micronet_score.counting.bits import FLOAT_BITS, BitPolicy, Marks
 from micronet_score.counting.costs import Bill, Prices, dot_product
 from micronet_score.counting.flow import FLOW, Flow
 from micronet_score.counting.grid import QUANTIZED
-from micronet_score.counting.hints import REFERENCE_SHORTCUTS
 from micronet_score.counting.ops import FREE, TABLE, Charge, Handler, Op, attention_charge, mha_bill
 from micronet_score.counting.packed import Packed
+from micronet_score.counting.shapes import META_FAST
 from micronet_score.counting.storage import FoldedNorm, TensorInfo, WeightTable, storage_key
 from micronet_score.errors import CountingBug
 from micronet_score.hints import LISTENERS
@@ -407,7 +407,7 @@ class CountingMode(TorchDispatchMode):
             self.copied(real, copy)
         with torch._C.DisableTorchFunction(), _disable_current_modes():
             out = fast()
-        shortcuts, self.meta_fast = self.meta_fast, self.meta_fast or REFERENCE_SHORTCUTS
+        shortcuts, self.meta_fast = self.meta_fast, self.meta_fast or META_FAST
         try:
             priced = reference(copies)
         finally:

@@ -522,6 +522,68 @@ def _attention(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
 
 
+# A blocked log-softmax head's ops (the priced reference of counting.hints): torch's meta kernels of these run
+# Python references, ~1 ms a call.
+
+
+def _same_layout(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A _plain tensor's like (torch's output layout for elementwise ops on it), else None (ask torch)."""
+    if not _plain(x):
+        return None
+    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+
+
+def _given_out(args: tuple, kwargs: dict, shape: tuple) -> torch.Tensor | None:
+    out = kwargs.get("out")
+    return out if isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(shape) else None
+
+
+def _clamp(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """clamp(x, min, max) by numbers of x's kind (a float bound on an integer tensor promotes: ask torch)."""
+    x, bounds = args[0], args[1:]
+    kinds = (int,) if not x.is_floating_point() else (int, float)
+    if kwargs or x.dtype == torch.bool or not all(b is None or type(b) in kinds for b in bounds):
+        return None
+    return _same_layout(x)
+
+
+def _compare_scalar(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    return _same_layout(args[0], torch.bool) if len(args) == 2 and isinstance(args[1], (int, float)) else None
+
+
+def _log_softmax(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    x = args[0]
+    if len(args) != 3 or args[2] or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    if "out" in kwargs:
+        return _given_out(args, kwargs, x.shape) if _plain(x) else None
+    return None if kwargs else _same_layout(x)
+
+
+def _addmm_out(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if len(args) != 3 or set(kwargs) != {"out"} or not all(isinstance(t, torch.Tensor) for t in args):
+        return None
+    bias, a, b = args
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or not (a.dtype == b.dtype == bias.dtype):
+        return None
+    return _given_out(args, kwargs, (a.shape[0], b.shape[1]))
+
+
+def _gather(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if kwargs or len(args) != 3 or not isinstance(args[0], torch.Tensor) or not isinstance(args[2], torch.Tensor):
+        return None
+    return torch.empty(args[2].shape, dtype=args[0].dtype, device=args[0].device)
+
+
+def _offset(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """An integer tensor plus or minus a Python int (a bin's index offset); floating ones as shape-only does."""
+    x = args[0]
+    if len(args) == 2 and not kwargs and isinstance(x, torch.Tensor) and type(args[1]) is int:
+        if x.dtype in (torch.int64, torch.int32):
+            return _same_layout(x)
+    return _pointwise(args, kwargs)
+
+
 def _on_meta(make: Any) -> Any:
     """``make`` for ops whose tensors are all on meta: a tensor with values made during the forward (a CPU
     constant) is computed by torch, its values needed later."""
@@ -560,6 +622,12 @@ def _fast_table() -> dict[Any, Any]:
     if hasattr(_aten, "_safe_softmax"):
         table[_aten._safe_softmax.default] = _softmax_out
     table[_aten.where.self] = _where
+    table[_aten.add.Tensor] = table[_aten.sub.Tensor] = _offset  # integer index offsets too
+    table[_aten.clamp.default] = _clamp
+    table[_aten.ge.Scalar] = _compare_scalar
+    table[_aten._log_softmax.default] = table[_aten._log_softmax.out] = _log_softmax
+    table[_aten.addmm.out] = _addmm_out
+    table[_aten.gather.default] = _gather
     table[torch.nn.functional.scaled_dot_product_attention] = _attention  # a function: the fused call, unpriced
     if hasattr(_aten, "_grouped_mm"):
         table[_aten._grouped_mm.default] = _grouped_mm
