@@ -73,18 +73,18 @@ class SlidingWindow:
     def scores(self, q: Tensor, rows: Tensor, g: Group) -> Tensor:
         """Dot products of the group's queries with their windows, arranged: ``(..., n_blocks, block, W)``."""
         qg = self.queries(q, g)
-        shared = qg @ self._shared(rows, g)
+        shared = _matmul(qg, self._shared(rows, g))
         if g.block == 1:
             return shared
-        ragged = (qg.unsqueeze(-2) @ self._ragged(rows, g)).squeeze(-2)
+        ragged = _matmul(qg.unsqueeze(-2), self._ragged(rows, g)).squeeze(-2)
         return torch.cat([ragged, shared], dim=-1)
 
     def weighted_sum(self, p: Tensor, rows: Tensor, g: Group) -> Tensor:
         """Σ_t p[i, t] · rows[i + t] for arranged weights ``p``; returns ``(..., n_blocks * block, d)``."""
         b = g.block
-        out = p[..., b - 1 :] @ self._shared(rows, g).transpose(-1, -2)
+        out = _matmul(p[..., b - 1 :], self._shared(rows, g).transpose(-1, -2))
         if b > 1:
-            ragged = (p[..., : b - 1].unsqueeze(-2) @ self._ragged(rows, g).transpose(-1, -2)).squeeze(-2)
+            ragged = _matmul(p[..., : b - 1].unsqueeze(-2), self._ragged(rows, g).transpose(-1, -2)).squeeze(-2)
             out = ragged + out
         return out.flatten(-3, -2)
 
@@ -105,6 +105,15 @@ class SlidingWindow:
         cached per shape and device.
         """
         return _offsets(g.block, self.width, str(torch.device(device) if device is not None else "cpu"))
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``; for 4-d operands of equal batch shape (heads, blocks), one batched product per head:
+    ``torch.matmul`` flattens the batch dims into one, which copies an unfolded window operand (its batch
+    strides do not chain), while each slice goes to the batched product as it is."""
+    if a.dim() != 4 or a.shape[:-2] != b.shape[:-2]:
+        return a @ b
+    return torch.stack([torch.bmm(x, y) for x, y in zip(a.unbind(0), b.unbind(0), strict=True)])
 
 
 @lru_cache(maxsize=64)
