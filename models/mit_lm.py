@@ -518,6 +518,8 @@ class AdaptiveSoftmax(nn.Module):
         ops the rules price."""
         sizes = [b - a for a, b in zip(self.edges, self.edges[1:])]
         rows = max(1, min(len(h), self.block_elements // max(sizes)))
+        if h.is_meta:  # priced or shape-only: no memory to bound, so one block (the same counts, fewer calls)
+            rows = max(1, len(h))
         reuse = not torch.is_grad_enabled()  # out= buffers only where no gradient is recorded
         buffers = [(h.new_empty(rows, size), h.new_empty(rows, size)) for size in sizes[1:]] if reuse else None
         parts = []

@@ -128,7 +128,13 @@ def test_mit_counted_evaluation_with_the_fast_head_counts_as_the_reference_head(
     where.clear()
     reference, reference_report = _counted_eval(model, tokens, fused=False)
     assert where and set(where) == {"cpu"}
-    assert fast_report.uncounted == [] and fast_report.model_dump() == reference_report.model_dump()
+    # every count equal; only the number of op calls differs: on meta the priced reference takes all rows in one
+    # block (no memory to bound) where the real one takes blocks of 7
+    fast_dump, reference_dump = fast_report.model_dump(), reference_report.model_dump()
+    fast_calls = sum(op.pop("calls") for op in fast_dump["ops"])
+    reference_calls = sum(op.pop("calls") for op in reference_dump["ops"])
+    assert fast_report.uncounted == [] and fast_dump == reference_dump
+    assert fast_calls < reference_calls
     assert fast.nll == pytest.approx(reference.nll, rel=1e-6)
     assert fast.perplexity == pytest.approx(reference.perplexity, rel=1e-6)
 
