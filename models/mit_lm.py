@@ -530,25 +530,35 @@ class AdaptiveSoftmax(nn.Module):
         return torch.cat(parts)
 
     def _log_prob_fused(self, h: Tensor, targets: Tensor) -> Tensor:
-        """The reference path's values without its tail log-softmax buffers: the head bin (with the cluster
-        columns) by log-softmax per block of ``fused_rows`` rows, each tail bin by :func:`tail_log_prob`."""
-        tables = [TailTable.of(layer.weight, layer.bias) for layer in self.layers[1:]]
-        parts = []
+        """The reference path's values for the targets, each computed where it is needed: the head bin (with the
+        cluster columns) by log-softmax per block of ``fused_rows`` rows for every token; a tail bin's normaliser
+        (:func:`tail_log_prob`, blocks of ``fused_rows`` rows) only for the tokens whose target lies in that bin, as
+        no other token's log-probability involves it. What is counted (the pricing hint) is the reference: every
+        bin normalised for every token, as a deployed model computing the distribution does."""
+        n_tails = len(self.layers) - 1
+        out = h.new_empty(len(h))
+        cluster_lp = h.new_empty(len(h), n_tails)  # log p(bin j) for j = n_tails ... 1 (the clusters' order)
         for i in range(0, len(h), self.fused_rows):
             block, block_targets = h[i : i + self.fused_rows], targets[i : i + self.fused_rows]
             head = self.layers[0](block)
             if self.cfg.cutoffs:
                 head = torch.cat([head, self.clusters(block)], dim=-1)
             head_lp = torch.log_softmax(head, dim=-1)
-            out = head_lp.gather(1, block_targets.clamp(self.edges[0], self.edges[1] - 1).unsqueeze(1)).squeeze(1)
-            for j in range(1, len(self.layers)):
-                lo, hi = self.edges[j], self.edges[j + 1]
-                table = self.layers[j]
-                tail = tail_log_prob(self.projections[j - 1](block), table.weight, table.bias,
-                                     block_targets.clamp(lo, hi - 1) - lo, self.fused_columns, tables[j - 1])
-                out = torch.where(block_targets >= lo, head_lp[:, -j] + tail, out)
-            parts.append(out)
-        return torch.cat(parts)
+            index = block_targets.clamp(self.edges[0], self.edges[1] - 1).unsqueeze(1)
+            out[i : i + len(block)] = head_lp.gather(1, index).squeeze(1)
+            cluster_lp[i : i + len(block)] = head_lp[:, len(head_lp[0]) - n_tails :]
+        for j in range(1, n_tails + 1):
+            lo, hi = self.edges[j], self.edges[j + 1]
+            rows = torch.logical_and(targets >= lo, targets < hi).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            table, prepared = self.layers[j], TailTable.of(self.layers[j].weight, self.layers[j].bias)
+            x, index = self.projections[j - 1](h[rows]), targets[rows] - lo
+            tail = torch.cat([tail_log_prob(x[k : k + self.fused_rows], table.weight, table.bias,
+                                            index[k : k + self.fused_rows], self.fused_columns, prepared)
+                              for k in range(0, len(rows), self.fused_rows)])
+            out[rows] = cluster_lp[rows, n_tails - j] + tail  # bin j's cluster column is −j
+        return out
 
     log_prob = forward
 
