@@ -61,6 +61,24 @@ def test_fused_head_equals_the_full_distribution(scale):
     assert torch.allclose(fused, reference, rtol=1e-5, atol=1e-4 if scale > 1 else 1e-5)
 
 
+@pytest.mark.parametrize("bins", [(0,), (1,), (2,), (0, 2)], ids=["head only", "bin 1 only", "bin 2 only", "no bin 1"])
+def test_fused_head_when_some_bins_hold_no_target(bins):
+    """The fused head normalises a tail bin only for the tokens whose target lies in it: bins without targets
+    are skipped, and the others' tokens still get the full distribution's log-probabilities."""
+    model = head_model()
+    head = model.loss
+    head.fused_rows, head.fused_columns = 5, 97
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(23, 32, generator=gen)
+    choices = [torch.randint(head.edges[b], head.edges[b + 1], (23,), generator=gen) for b in bins]
+    pick = torch.randint(0, len(bins), (23,), generator=gen)
+    targets = torch.stack(choices, 1).gather(1, pick.unsqueeze(1)).squeeze(1)
+    with torch.no_grad():
+        fused = head(h, targets)
+    expected = full_distribution_log_prob(head, h, targets)
+    assert torch.allclose(fused.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_tail_normaliser_shift_bound_and_its_exact_fallback():
     """Narrow tails are shifted by a bound on their logits; where that bound lies far above a row's real maximum
     (the sum of exponentials would underflow), the row is recomputed exactly. Both against log_softmax."""
