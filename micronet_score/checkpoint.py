@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import secrets
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,15 +268,17 @@ def save_checkpoint(
 
 
 def write_atomic(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place. The temporary file is
+    created inside the block that removes it, so that an interrupt at any point (even between its creation and
+    the first write) leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
