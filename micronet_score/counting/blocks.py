@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from micronet_score.counting.bitviews import integer_bits
+
 CANDIDATES: tuple[tuple[int, int], ...] = (
     (16, 16),
     (8, 8),
@@ -65,17 +67,6 @@ def nonzero_pattern(values: torch.Tensor, multiple: tuple[int, int] = (1, 1)) ->
 
 PASS_ELEMENTS = 1 << 16
 """Elements compared per pass of :func:`nonzero_pattern`."""
-
-
-def integer_bits(matrix: torch.Tensor) -> tuple[np.ndarray, bool] | None:
-    """The tensor's bits as a numpy integer array and whether a shift left by one tells its zeros (floats: the
-    sign of -0.0 shifted out), or None where no such view exists (another dtype or device)."""
-    from micronet_score.counting.storage import _BITS, _on_bits  # storage imports this module
-
-    if not _on_bits(matrix):
-        return None
-    view, shift = _BITS[matrix.dtype]
-    return matrix.view(view).numpy(), bool(shift)
 
 
 def _summary(shape: tuple[int, int], occupied: np.ndarray, rows: int, cols: int, nonzeros: int) -> Blocks:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from micronet_score.counting.bits import FLOAT_BITS, BitPolicy
+from micronet_score.counting.bitviews import BIT_VIEWS, on_bits
 from micronet_score.counting.blocks import Blocks
 from micronet_score.counting.grid import DTYPE_BITS
 from micronet_score.counting.packed import Packed, packed_modules
@@ -244,20 +245,6 @@ def mask_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor,
     return pairs
 
 
-_BITS = {
-    torch.float32: (torch.int32, 1),
-    torch.float64: (torch.int64, 1),
-    torch.float16: (torch.int16, 1),
-    torch.bfloat16: (torch.int16, 1),
-    torch.int64: (torch.int64, 0),
-    torch.int32: (torch.int32, 0),
-    torch.int16: (torch.int16, 0),
-    torch.int8: (torch.int8, 0),
-    torch.uint8: (torch.uint8, 0),
-    torch.bool: (torch.uint8, 0),
-}
-"""dtype -> (integer view, shift): a float x != 0 exactly when (bits << 1) != 0 (the sign of -0.0 shifted out)."""
-
 _UNSIGNED = {np.dtype(np.int16): np.uint16, np.dtype(np.int32): np.uint32, np.dtype(np.int64): np.uint64}
 
 _CHUNK = 1 << 16
@@ -268,17 +255,6 @@ _SMALL = 1 << 14
 """Tensors up to this size are counted together, one pass per dtype (a model has hundreds of small ones)."""
 
 
-def _on_bits(t: torch.Tensor) -> bool:
-    return (
-        t.dtype in _BITS
-        and t.device.type == "cpu"
-        and type(t) is torch.Tensor
-        and t.is_contiguous()
-        and not t.is_conj()
-        and not t.is_neg()
-    )
-
-
 def count_nonzeros(tensors: list[torch.Tensor]) -> list[tuple[int, bool]]:
     """:func:`count_nonzero` of each tensor; the small CPU float ones in one concatenated pass per dtype."""
     results: list[tuple[int, bool] | None] = [None] * len(tensors)
@@ -286,7 +262,7 @@ def count_nonzeros(tensors: list[torch.Tensor]) -> list[tuple[int, bool]]:
     with torch.no_grad():
         for i, tensor in enumerate(tensors):
             t = tensor.detach()
-            if 0 < t.numel() <= _SMALL and _on_bits(t):
+            if 0 < t.numel() <= _SMALL and on_bits(t):
                 small.setdefault(t.dtype, []).append((i, t))
             else:
                 results[i] = count_nonzero(t)
@@ -294,7 +270,7 @@ def count_nonzeros(tensors: list[torch.Tensor]) -> list[tuple[int, bool]]:
             if len(items) == 1:
                 results[items[0][0]] = count_nonzero(items[0][1])
                 continue
-            view, shift = _BITS[dtype]
+            view, shift = BIT_VIEWS[dtype]
             values = torch.cat([t.reshape(-1) for _, t in items]).view(view).numpy()
             sizes = np.fromiter((t.numel() for _, t in items), dtype=np.int64, count=len(items))
             offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
@@ -313,9 +289,9 @@ def count_nonzero(tensor: torch.Tensor) -> tuple[int, bool]:
         return tensor.numel(), False
     with torch.no_grad():
         t = tensor.detach()
-        if not _on_bits(t):
+        if not on_bits(t):
             return int(torch.count_nonzero(t)), True
-        view, shift = _BITS[t.dtype]
+        view, shift = BIT_VIEWS[t.dtype]
         values = t.view(view).reshape(-1).numpy()
         if not shift:
             return int(np.count_nonzero(values)), True
