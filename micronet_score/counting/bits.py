@@ -8,7 +8,7 @@ parameters and multiplies at 16 bits (additions stay 32) and is forbidden once a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -54,12 +54,13 @@ class BitPolicy:
         self.unit = float(self.rules.unit_bits)
         self.add_bits = self.rules.freebie.add_bits if self.freebie else self.rules.accumulator_bits
 
-    def check_freebie(self, width: int | None, what: str) -> None:
-        """The freebie is forbidden when any part of the model is quantized below freebie.max_quantized_bits."""
+    def check_freebie(self, width: int | None, what: str | Callable[[], str]) -> None:
+        """The freebie is forbidden when any part of the model is quantized below freebie.max_quantized_bits.
+        ``what`` names the value (a callable: made only for the message, as checks run on every operand)."""
         limit = self.rules.freebie.max_quantized_bits
         if self.freebie and width is not None and width < limit:
             raise MicronetError(
-                f"the freebie is not allowed: {what} is {width} bits, below {limit} "
+                f"the freebie is not allowed: {what() if callable(what) else what} is {width} bits, below {limit} "
                 f"(rule set {self.rules.name}: quantized entries count their real widths)"
             )
 
@@ -81,7 +82,7 @@ class BitPolicy:
         if width is None:
             return self.rules.default_bits
         if self.freebie:
-            self.check_freebie(width, f"an activation of dtype {str(dtype).removeprefix('torch.')}")
+            self.check_freebie(width, lambda: f"an activation of dtype {str(dtype).removeprefix('torch.')}")
         return width
 
     @property

@@ -40,6 +40,7 @@ _in_backward = torch._C._current_graph_task_id
 _profiler = torch.ops.profiler
 _REGION_ENTER = {_profiler._record_function_enter_new.default, _profiler._record_function_enter.default}
 _REGION_EXIT = {_profiler._record_function_exit._RecordFunction, _profiler._record_function_exit.default}
+_REGIONS = _REGION_ENTER | _REGION_EXIT
 """``torch.profiler.record_function(name)``: ops inside are charged to the row ``<module>.<name>`` (see hints)"""
 
 
@@ -339,7 +340,7 @@ class CountingMode(TorchDispatchMode):
         if kwargs is None:
             kwargs = {}
         out = self._run(func, args, kwargs)
-        if func in _REGION_ENTER or func in _REGION_EXIT:
+        if func in _REGIONS:
             self._region(func, args, out)
             return out
         if _in_backward() != -1:
@@ -486,7 +487,7 @@ class CountingMode(TorchDispatchMode):
         width = self.output_bits.get(key)
         if width is not None:
             self.converting -= 1
-            self.policy.check_freebie(width, f"the output_bits of module {self.names[key]!r}")
+            self.policy.check_freebie(width, lambda: f"the output_bits of module {self.names[key]!r}")
             for tensor in _flat(output):
                 self.marks.set(tensor, width)
 
@@ -551,7 +552,7 @@ class CountingMode(TorchDispatchMode):
             mult_bits, other_bits = self._fixed
             for t in operands:
                 if isinstance(t, torch.Tensor):
-                    self.policy.check_freebie(self.width(t), f"an operand of {func.namespace}."
+                    self.policy.check_freebie(self.width(t), lambda t=t: f"an operand of {func.namespace}."
                                               f"{func.overloadpacket.__name__} (dtype {t.dtype})")
         else:
             widest = None  # max(widths, default=activation), without a generator on every op
