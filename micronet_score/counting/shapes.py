@@ -228,9 +228,9 @@ def _plain(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.is_contiguous() and x.stride() == layouts.contiguous(tuple(x.shape))
 
 
-def _like(x: torch.Tensor) -> torch.Tensor:
+def _like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """torch.empty_like of a _plain tensor (itself a Python reference on meta, ~20 us), in ~1 us."""
-    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+    return torch.empty_strided(x.size(), x.stride(), dtype=dtype or x.dtype, device=x.device)
 
 
 def _activation(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -528,9 +528,7 @@ def _attention(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 def _same_layout(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """A _plain tensor's like (torch's output layout for elementwise ops on it), else None (ask torch)."""
-    if not _plain(x):
-        return None
-    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+    return _like(x, dtype) if _plain(x) else None
 
 
 def _given_out(args: tuple, kwargs: dict, shape: tuple) -> torch.Tensor | None:
