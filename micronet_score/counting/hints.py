@@ -32,12 +32,14 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from micronet_score.counting.interpreter import flat_tensors
+
 T = TypeVar("T")
 
 
 def priced_as(fast: Callable[..., T], reference: Callable[..., T], *args: Any) -> T:
     """``fast(*args)``, priced under a counter as ``reference(*args)`` would be (see the module docstring)."""
-    inputs = _tensors(args)
+    inputs = flat_tensors(args)
     if any(t.is_meta for t in inputs):
         return reference(*args)
     mode = _get_current_dispatch_mode()
@@ -58,16 +60,8 @@ def priced_as(fast: Callable[..., T], reference: Callable[..., T], *args: Any) -
     return mode.hint(lambda: fast(*args), run_reference, inputs + held)
 
 
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
 def _replaced(value: Any, copies: Iterator[Tensor]) -> Any:
-    """``value`` with each tensor replaced by the next copy (the order of :func:`_tensors`)."""
+    """``value`` with each tensor replaced by the next copy (the order of :func:`flat_tensors`)."""
     if isinstance(value, Tensor):
         return next(copies)
     if isinstance(value, (list, tuple)):

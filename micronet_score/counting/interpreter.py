@@ -413,7 +413,7 @@ class CountingMode(TorchDispatchMode):
             priced = reference(copies)
         finally:
             self.meta_fast = shortcuts
-        got, want = _flat(out), _flat(priced)
+        got, want = flat_tensors(out), flat_tensors(priced)
         if [(t.shape, t.dtype) for t in got] != [(t.shape, t.dtype) for t in want]:
             raise CountingBug(f"internal error: a pricing hint's fast computation gave {[tuple(t.shape) for t in got]}"
                               f" but its reference {[tuple(t.shape) for t in want]}; please report it")
@@ -488,7 +488,7 @@ class CountingMode(TorchDispatchMode):
         if width is not None:
             self.converting -= 1
             self.policy.check_freebie(width, lambda: f"the output_bits of module {self.names[key]!r}")
-            for tensor in _flat(output):
+            for tensor in flat_tensors(output):
                 self.marks.set(tensor, width)
 
     # --- charges ------------------------------------------------------------------------------------------
@@ -511,7 +511,7 @@ class CountingMode(TorchDispatchMode):
             self.facts.linear = out
         if charge.quantized is not None:
             self.policy.check_freebie(charge.quantized, "a fake-quantized tensor")
-            self.marks.set(_flat(out)[0], charge.quantized)
+            self.marks.set(flat_tensors(out)[0], charge.quantized)
             self.tally.conversions += 1
         self.tally.conversions += charge.conversions
         if charge.norm is not None:
@@ -651,10 +651,10 @@ class CountingMode(TorchDispatchMode):
         elif flow is Flow.JOIN:
             self._widest_mark(args[0], out)
         elif flow is Flow.PICK:
-            self._widest_mark([a for a in args if isinstance(a, torch.Tensor)], _flat(out)[:1])
+            self._widest_mark([a for a in args if isinstance(a, torch.Tensor)], flat_tensors(out)[:1])
 
     def _mark(self, out: Any, width: int) -> None:
-        for tensor in _flat(out):
+        for tensor in flat_tensors(out):
             self.marks.set(tensor, width)
 
     def _widest_mark(self, sources: Any, out: Any) -> None:
@@ -700,9 +700,10 @@ class CountingMode(TorchDispatchMode):
         self.marks.clear()
 
 
-def _flat(output: Any) -> list[torch.Tensor]:
+def flat_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a value, in order, through nested tuples and lists."""
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, (tuple, list)):
-        return [t for o in output for t in _flat(o)]
+        return [t for o in output for t in flat_tensors(o)]
     return []
