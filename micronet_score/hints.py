@@ -10,6 +10,9 @@ and change nothing, so a model keeps them in its plain forward.
   (the terms of an attention) get rows of their own.
 - :func:`priced_as`: ``priced_as(fast, reference, *args)`` runs ``fast(*args)`` and, under the counter, prices
   ``reference(*args)`` instead, on meta copies (:mod:`micronet_score.counting.hints`).
+- :func:`priced_by_shapes`: ``priced_by_shapes(fn, *args)`` runs ``fn(*args)``; a counter prices it once per
+  signature (shapes, widths, other arguments) on meta copies and adds that count on later calls: a block of a
+  model evaluated chunk after chunk costs the counter's per-op work once per shape.
 - ``unquantized``: a module attribute naming some of its own parameters (``("weight", "bias")``) that a declared
   ``bits`` does not cover: they are stored at their dtype's width (32 bits for fp32) unless ``weight_bits`` names
   them (a layer norm the authors kept in floating point).
@@ -47,6 +50,13 @@ def priced_as(fast: Any, reference: Any, *args: Any) -> Any:
     from micronet_score.counting.hints import priced_as as run  # the counting machinery, loaded when first used
 
     return run(fast, reference, *args)
+
+
+def priced_by_shapes(function: Any, *args: Any) -> Any:
+    """``function(*args)`` for a function whose ops depend on the shapes of its arguments, not on their values:
+    under a counter it runs at plain speed and is priced on meta copies once per signature (``priced_as`` with
+    the function as its own reference; :mod:`micronet_score.counting.hints`)."""
+    return priced_as(function, function, *args)
 
 
 def unquantized_names(modules: Iterable[tuple[str, nn.Module]]) -> frozenset[str]:

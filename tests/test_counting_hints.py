@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from micronet_score import Counter, count
 from micronet_score.errors import CountingBug
 from micronet_score.evaluate_lm import evaluate_stream
-from micronet_score.hints import priced_as
+from micronet_score.hints import priced_as, priced_by_shapes
 
 SMALL = dict(n_layers=2, n_embed=16, n_embeds=[16, 8, 4], cutoffs=[20, 50], n_vocab=100, n_head=2, n_k=4, n_v=4,
              n_inner=24, n_seq=5, n_cache=12, cache_theta=0.3, cache_lambda=0.2, bits=9)
@@ -138,3 +138,83 @@ def test_mit_counted_evaluation_with_the_fast_head_counts_as_the_reference_head(
     assert fast.nll == pytest.approx(reference.nll, rel=1e-6)
     assert fast.perplexity == pytest.approx(reference.perplexity, rel=1e-6)
 
+
+
+# ------------------------------------------------------------------------------ priced once per signature (memo)
+
+
+class Blocks(nn.Module):
+    """A block priced by its shapes (priced_by_shapes), or counted op by op on real tensors (``hinted=False``, the
+    second method); ``priced`` counts the runs on meta stand-ins, that is, the times the block was priced."""
+
+    def __init__(self, hinted: bool = True):
+        super().__init__()
+        self.quant = Quantize()
+        self.linear = nn.Linear(8, 5)
+        self.hinted = hinted
+        self.priced = 0
+
+    def forward(self, x, quantize=False):
+        a = self.quant(x) if quantize else x
+        return priced_by_shapes(self.step, a) if self.hinted else self.step(a)
+
+    def step(self, a):
+        self.priced += a.is_meta
+        return torch.relu(self.linear(a))
+
+
+CALLS = [(3, False), (3, False), (2, False), (3, True), (3, False), (2, False), (3, True)]
+"""(rows, quantized input) of each counted call: four signatures"""
+
+
+def _measure(model: nn.Module, calls=CALLS, **settings) -> Counter:
+    counter = Counter(model, weight_bits={"linear.weight": 4, "linear.bias": 4}, **settings)
+    gen = torch.Generator().manual_seed(0)
+    for rows, quantize in calls:
+        with counter.measure(samples=rows):
+            model(torch.randn(rows, 8, generator=gen), quantize)
+    return counter
+
+
+def test_a_shape_priced_block_is_priced_once_per_signature_and_counts_as_op_by_op():
+    memo, plain = Blocks(), Blocks(hinted=False)
+    plain.load_state_dict(memo.state_dict())
+    memo_report, plain_report = _measure(memo).report(), _measure(plain).report()
+    assert memo.priced == 3  # (3, unmarked), (2, unmarked), (3, 6-bit marked): each priced on its first call only
+    assert memo_report.model_dump() == plain_report.model_dump()
+    # by hand, per row: 8·5 mults, 7·5 + 5 adds; the mults at the wider of the 4-bit weight and the input: 6 bits
+    # for the 6 quantized rows, 32 for the 13 others; adds at the 32-bit accumulator
+    row = memo_report.layer("linear")
+    assert (row.mults, row.adds) == (40, 40)
+    assert row.flops == pytest.approx((6 * (40 * 6 / 32 + 40) + 13 * (40 + 40)) / 19)
+
+
+def test_shape_pricing_starts_over_when_the_weights_are_replaced_and_not_when_values_change():
+    model = Blocks()
+    counter = _measure(model, CALLS[:2])
+    assert model.priced == 1
+    with torch.no_grad():
+        model.linear.weight[:, :4] = 0  # pruned in place: the same tensor, the same prices (density at report)
+    with counter.measure(samples=3):
+        model(torch.randn(3, 8))
+    assert model.priced == 1
+    model.linear.weight = nn.Parameter(torch.randn(5, 8))  # a new tensor: a new weight table, priced again
+    with counter.measure(samples=3):
+        model(torch.randn(3, 8))
+    assert model.priced == 2
+
+
+def test_a_closure_is_priced_every_call():
+    priced = []
+    scale = 2.0
+
+    def scaled(a):  # a closure: what it captures is not part of any signature
+        priced.append(a.is_meta)
+        return torch.relu(a * scale)
+
+    counter = Counter(nn.Identity())
+    for _ in range(3):
+        with counter.measure(samples=3):
+            priced_by_shapes(scaled, torch.randn(3, 8))
+    assert priced == [False, True] * 3  # run, then priced on meta, every call
+    assert counter.report().flops == pytest.approx(2 * 8)  # per row: 8 mults (the scale), 8 comparisons (the ReLU)

@@ -15,7 +15,7 @@ from micronet_score.counting.assemble import build_report
 from micronet_score.counting.bits import BitPolicy
 from micronet_score.counting.blocks import Blocks
 from micronet_score.counting.costs import Prices
-from micronet_score.counting.interpreter import CountingMode, Tally, Uncounted
+from micronet_score.counting.interpreter import CountingMode, PricingMemo, Tally, Uncounted
 from micronet_score.counting.representation import Weights, check_choice, worth_tiling
 from micronet_score.counting.shapes import (
     META_FALLBACKS,
@@ -85,6 +85,8 @@ class Counter:
         """A walk known to be current, used once (count() runs the model right after walking it)."""
         self._meta_copy: tuple[WeightTable, MetaCopy] | None = None
         """count_shapes and snapshot: the meta copy, made once per weight table"""
+        self._memo: PricingMemo | None = None
+        """the pricing hints' references priced so far, for the current weight table (see CountingMode.hint)"""
         self._shared: tuple[Any, ...] = ()
         """objects the meta copy refers to instead of copying (an integration's trainer)"""
         self.reset()
@@ -145,7 +147,7 @@ class Counter:
         of the model's first input (integer token ids), else its size along ``sample_dim`` (default 0)."""
         table = self._weights()
         training = self._training_modules()
-        mode = CountingMode(self.prices, self.policy, table, self._names, self._output_bits)
+        mode = self._real_mode(table)
         with _installed(mode, self._measured.ran):
             yield self
         self._collect(mode, table, samples, sample_dim, None, self._measured, training)
@@ -239,10 +241,18 @@ class Counter:
                 _eval(self.model)
             table = self._weights()
             training = self._training_modules()
-            mode = CountingMode(self.prices, self.policy, table, self._names, self._output_bits)
+            mode = self._real_mode(table)
             with _installed(mode, into.ran):
                 self.model(*inputs, **forward_kwargs)
             self._collect(mode, table, samples, None, None, into, training)
+
+    def _real_mode(self, table: WeightTable) -> CountingMode:
+        """The counting mode of a forward of the real model, with the pricing memo of ``table``."""
+        mode = CountingMode(self.prices, self.policy, table, self._names, self._output_bits)
+        if self._memo is None or self._memo.table is not table:
+            self._memo = PricingMemo(table)
+        mode.memo = self._memo
+        return mode
 
     def _training_modules(self) -> set[str]:
         return {path for path, module in self._modules.items() if module.training}

@@ -18,9 +18,16 @@ returns ``fast(*args)``:
   computation.
 
 The reference must be shape-only: its ops may depend on the shapes of its inputs but not on their values (a
-``masked_select`` or ``nonzero`` has no meta result to price). The fast and reference results must have the same
-shapes and dtypes (checked: a mismatch is an internal error, never a silent count). The other hints a model
-gives the counter (regions, ``stored_at``, ``unquantized``) are in :mod:`micronet_score.hints`.
+``masked_select`` or ``nonzero`` has no meta result to price). So its count is a function of what it is given, and
+a :class:`~micronet_score.Counter` prices it once per *signature*: the layouts (shapes, strides, dtypes) and
+widths (stored tensor, mark) of the tensors, the other arguments, the train/eval modes of its module, grad and
+autocast modes, and where in the model it runs. A call with a signature priced before in the same Counter (and
+the same weight table) adds that count again without running the reference: a model evaluated chunk after chunk
+pays the counter's per-op work once per shape. The reference must therefore not depend on Python state outside
+its arguments that changes between calls (a module attribute set between forwards is not seen; a reference that
+is a closure, or a method of something other than a module, is priced every call). The fast and reference results
+must have the same shapes and dtypes (checked: a mismatch is an internal error, never a silent count). The other
+hints a model gives the counter (regions, ``stored_at``, ``unquantized``) are in :mod:`micronet_score.hints`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -57,7 +65,34 @@ def priced_as(fast: Callable[..., T], reference: Callable[..., T], *args: Any) -
         with _swapped(owned, stand_ins):
             return reference(*meta_args)
 
-    return mode.hint(lambda: fast(*args), run_reference, inputs + held)
+    return mode.hint(lambda: fast(*args), run_reference, inputs + held, _call_key(reference, owner, args))
+
+
+def _call_key(reference: Callable[..., Any], owner: Any, args: tuple) -> Any:
+    """What a reference's count depends on besides the layouts and widths of its tensors (which the counter adds):
+    the function, the module it is a method of and the train/eval modes of that module's tree, the non-tensor
+    arguments, grad and autocast modes. None where no key can stand for it: a closure (whose captured values are
+    not seen), an argument that cannot be hashed."""
+    function = getattr(reference, "__func__", reference)
+    if getattr(function, "__closure__", None) or (owner is not None and not isinstance(owner, nn.Module)):
+        return None
+    modes = tuple(m.training for m in owner.modules()) if isinstance(owner, nn.Module) else ()
+    key = (function, owner, modes, _skeleton(args), torch.is_grad_enabled(),
+           torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _skeleton(value: Any) -> Any:
+    """``value`` with each tensor replaced by a placeholder, lists as tuples (a hashable picture of the rest)."""
+    if isinstance(value, Tensor):
+        return Tensor
+    if isinstance(value, (list, tuple)):
+        return (type(value), *(_skeleton(v) for v in value))
+    return value
 
 
 def _replaced(value: Any, copies: Iterator[Tensor]) -> Any:

@@ -219,6 +219,54 @@ class _AttentionCalls(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_UNKNOWN = object()
+"""A tensor whose pricing facts no memo entry may stand for."""
+
+
+class PricedCall:
+    """What pricing a hint's reference charged (its tally and dense dot products of stored weights) and what it
+    told of its outputs (a stored tensor's info or a mark, per output): added again, as it was, for a call of the
+    same signature."""
+
+    def __init__(self, tally: Tally, dot_uses: dict) -> None:
+        self.tally = tally
+        self.dot_uses = dot_uses
+        self.outputs: list[Any] = []
+
+    def add_to(self, mode: CountingMode) -> None:
+        mode.tally.merge(self.tally)
+        for key, (info, uses) in self.dot_uses.items():
+            mine = mode.dot_uses.setdefault(key, (info, {}))[1]
+            for use, outputs in uses.items():
+                mine[use] = mine.get(use, 0.0) + outputs
+
+    def replay(self, mode: CountingMode, outputs: list[torch.Tensor]) -> None:
+        self.add_to(mode)
+        mode.facts.linear = None
+        for tensor, identity in zip(outputs, self.outputs, strict=True):
+            if isinstance(identity, TensorInfo):
+                mode.derive(tensor, identity)
+            elif identity is not None:
+                mode.marks.set(tensor, identity)
+
+
+class PricingMemo:
+    """Priced hint references by signature, for the life of one weight table (its infos are in the keys)."""
+
+    LIMIT = 1024
+    """entries kept at most (a model whose signatures never repeat starts over rather than growing)"""
+
+    def __init__(self, table: WeightTable) -> None:
+        self.table = table
+        self.stored = {id(info) for info in table.by_key.values()} | {id(p.info) for p in table.pruned.values()}
+        self.entries: dict[Any, PricedCall] = {}
+
+    def keep(self, key: Any, priced: PricedCall) -> None:
+        if len(self.entries) >= self.LIMIT:
+            self.entries.clear()
+        self.entries[key] = priced
+
+
 class CountingMode(TorchDispatchMode):
     """Prices each aten op by the rule set and charges it to the running module."""
 
@@ -268,6 +316,8 @@ class CountingMode(TorchDispatchMode):
         self._fast_paths = 0
         """fast-path modules running (the function mode steps aside while any runs)"""
         self._entered = False
+        self.memo: PricingMemo | None = None
+        """priced references of pricing hints, kept across forwards by the Counter (see :meth:`hint`)"""
 
     def __enter__(self) -> CountingMode:
         self._entered = True
@@ -396,11 +446,25 @@ class CountingMode(TorchDispatchMode):
         self.facts.dots.clear()
         return out
 
-    def hint(self, fast: Any, reference: Any, tensors: list[torch.Tensor]) -> Any:
+    def hint(self, fast: Any, reference: Any, tensors: list[torch.Tensor], key: Any = None) -> Any:
         """A pricing hint (:mod:`hints`): ``fast()`` runs outside the counting modes (unpriced, at plain speed)
         and gives the result; ``reference(copies)`` runs on meta copies of ``tensors`` and is priced. Each copy
         stands for its tensor (read for inference, the same stored width and representation, or the same mark);
-        the result takes the reference's marks."""
+        the result takes the reference's marks.
+
+        ``key``: what else the reference's ops depend on (the hint's non-tensor arguments, modes). With a
+        :attr:`memo`, a reference priced once for the same key, tensor layouts and widths, and place in the model
+        is not run again: its charges are added as they were (what it sees are meta copies, so its count is a
+        function of exactly these)."""
+        memo_key = self._memo_key(key, tensors) if key is not None and self.memo is not None else None
+        priced = self.memo.entries.get(memo_key) if memo_key is not None else None
+        if priced is not None:
+            for real in tensors:
+                self._taken((real,))
+            with torch._C.DisableTorchFunction(), _disable_current_modes():
+                out = fast()
+            priced.replay(self, flat_tensors(out))
+            return out
         copies = self._run_unpriced(
             lambda: [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tensors], (), {})
         for real, copy in zip(tensors, copies, strict=True):
@@ -408,18 +472,50 @@ class CountingMode(TorchDispatchMode):
             self.copied(real, copy)
         with torch._C.DisableTorchFunction(), _disable_current_modes():
             out = fast()
+        outer = self.tally, self.dot_uses, len(self.norms), len(self.dropped)
+        self.tally, self.dot_uses = Tally(), {}
         shortcuts, self.meta_fast = self.meta_fast, self.meta_fast or META_FAST
         try:
             priced = reference(copies)
         finally:
             self.meta_fast = shortcuts
+            inner = PricedCall(self.tally, self.dot_uses)
+            self.tally, self.dot_uses = outer[0], outer[1]
+            inner.add_to(self)
+        self.facts.linear = None  # the reference's last linear output is a meta copy: nothing outside follows it
         got, want = flat_tensors(out), flat_tensors(priced)
         if [(t.shape, t.dtype) for t in got] != [(t.shape, t.dtype) for t in want]:
             raise CountingBug(f"internal error: a pricing hint's fast computation gave {[tuple(t.shape) for t in got]}"
                               f" but its reference {[tuple(t.shape) for t in want]}; please report it")
         for real, copy in zip(got, want):
             self.copied(copy, real)
+        if memo_key is not None and (len(self.norms), len(self.dropped)) == outer[2:]:
+            inner.outputs = [self._pricing_identity(t) for t in got]
+            if _UNKNOWN not in inner.outputs:
+                self.memo.keep(memo_key, inner)
         return out
+
+    def _pricing_identity(self, tensor: torch.Tensor) -> Any:
+        """What a priced op can know of a tensor besides its layout: a stored tensor of the weight table (its
+        info), a mark, or nothing (None); _UNKNOWN where it is something no memo entry may stand for (a derived
+        stored tensor of this forward, a nested tensor)."""
+        if tensor.is_nested:
+            return _UNKNOWN
+        key = storage_key(tensor)
+        info = self.weights.get(key) or self.derived.get(key)
+        if info is not None:
+            return info if id(info) in self.memo.stored else _UNKNOWN
+        return self.marks.get(tensor) if self.marks.used else None
+
+    def _memo_key(self, key: Any, tensors: list[torch.Tensor]) -> Any:
+        facts = []
+        for t in tensors:
+            identity = self._pricing_identity(t)
+            if identity is _UNKNOWN:
+                return None
+            facts.append((t.shape, t.stride(), t.dtype, id(identity) if isinstance(identity, TensorInfo) else identity))
+        place = (tuple(self.stack), tuple(self.regions), self.converting, self.quiet, self._fast_paths, self._watching)
+        return key, tuple(facts), place
 
     def attention(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ...): one price, any kernel."""
