@@ -4,11 +4,12 @@ n_cache 3000) with random weights, on a generated stream with the test split's b
     .venv/bin/python benchmarks/bench_mit_eval.py [--predictions 245568] [--chunk 4032] [--counter] [--threads N]
 
 Reports tokens/s, the extrapolated time for the 245,568 test predictions and peak RSS, as JSON (one entry per
-mode, "plain", "counter" or either with "-reference-head", in benchmarks/results/mit_eval.json; run each mode in its own
+mode, "plain", "counter" or either with "-reference", in benchmarks/results/mit_eval.json; run each mode in its own
 process so that the peak RSS is its own). With ``--counter`` the evaluation counts operations in the same pass with
-the real Counter, as ``micronet-score eval`` does: the fused head runs, priced as its reference path through a
-pricing hint (``counting/hints.py``); ``--reference-head`` runs the reference path itself (plain or counted), for
-comparison ("plain-reference-head" / "counter-reference-head"). A plain run states its ratio to the machine's
+the real Counter, as ``micronet-score eval`` does: the fast paths run (the fused head, the attention band and the
+cache window as padded band products), priced as their reference computations through pricing hints
+(``counting/hints.py``), each once per shape; ``--reference`` runs the reference computations themselves (plain
+or counted), for comparison ("plain-reference" / "counter-reference"). A plain run states its ratio to the machine's
 matmul limit for the raw operations that a counter run of the same stream counted (run ``--counter`` first).
 Targets (issue 16): at most 4x the matmul limit, at most 60 s on a quiet machine, at most 2 GB.
 """
@@ -64,15 +65,16 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4032)
     parser.add_argument("--counter", action="store_true", help="count operations in the same pass")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--reference-head", action="store_true",
-                        help="plain evaluation through the head's reference path (what counting runs) instead of the "
-                             "fused one, for comparison")
+    parser.add_argument("--reference", action="store_true",
+                        help="evaluation through the reference computations (what counting prices) instead of the "
+                             "fast paths, for comparison")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mit_eval.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build()
-    model.loss.fused = not args.reference_head
+    for part in (model.loss, model.loss.cache, *model.layers):
+        part.fused = not args.reference
     tokens = example_tokens(model.config, args.predictions + 1, seed=0)
     counter = None
     if args.counter:
@@ -82,7 +84,7 @@ def main() -> None:
     cpu = time.process_time() - cpu
     rate = result.tokens_per_second
     out = {
-        "mode": ("counter" if counter else "plain") + ("-reference-head" if args.reference_head else ""),
+        "mode": ("counter" if counter else "plain") + ("-reference" if args.reference else ""),
         "predictions": result.predictions,
         "chunk": args.chunk,
         "seconds": round(result.seconds, 2),

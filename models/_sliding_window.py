@@ -10,6 +10,13 @@ with no wasted work for an operation counter to price, and the rows are re-used 
 Inside a block the window columns come in a fixed *arrangement* (ragged part first, then the shared part):
 :meth:`SlidingWindow.offsets` maps it back to the window column ``t``. Softmaxes and sums do not care about the
 order; position terms are gathered into the arrangement.
+
+:class:`PaddedBand` is the same plan computed faster where every product need not be exactly a window term: each
+block's queries take one matrix product with all ``b + W - 1`` rows any of them needs, and the window of query
+``r`` is the band ``[r, r + W)`` of its row of that product, a strided view in the natural column order ``t``. It
+computes ``b - 1`` products per query that are not window terms (and a zero weight for each in the weighted sum),
+in a few large products instead of many ragged ones. The model runs it and prices :class:`SlidingWindow` (a pricing
+hint), whose products are exactly the window's.
 """
 
 from __future__ import annotations
@@ -98,6 +105,11 @@ class SlidingWindow:
         ragged = self._ragged(rows, g).squeeze(-2)
         return torch.cat([ragged, shared], dim=-1)
 
+    def position(self, table: Tensor, g: Group) -> Tensor:
+        """A per-query, per-window-column quantity ``(..., L, W)`` (column ``t``) in the arrangement."""
+        rows = self.queries(table, g)
+        return rows.gather(-1, self.offsets(g, table.device).expand(rows.shape))
+
     def offsets(self, g: Group, device: torch.device | str | None = None) -> Tensor:
         """The window column ``t`` of each arranged column, for query ``r`` of a block: ``(block, W)``.
 
@@ -105,6 +117,40 @@ class SlidingWindow:
         cached per shape and device.
         """
         return _offsets(g.block, self.width, str(torch.device(device) if device is not None else "cpu"))
+
+
+class PaddedBand(SlidingWindow):
+    """The plan of :class:`SlidingWindow` computed by padded block products (see the module docstring); window
+    columns in the natural order ``t``. Results are views where they can be: banded scores, arranged rows."""
+
+    def _span(self, g: Group) -> int:
+        return g.block + self.width - 1
+
+    def _windows(self, rows: Tensor, g: Group) -> Tensor:
+        """The rows each block needs: ``(..., n_blocks, d, b + W - 1)`` (a view)."""
+        span = self._span(g)
+        return rows.narrow(-2, g.start, (g.n_blocks - 1) * g.block + span).unfold(-2, span, g.block)
+
+    def _band(self, full: Tensor) -> Tensor:
+        """Columns ``[r, r + W)`` of row ``r`` of ``(..., block, b + W - 1)`` (unit column stride): a view."""
+        *outer, row, column = full.stride()
+        return full.as_strided((*full.shape[:-1], self.width), (*outer, row + column, column), full.storage_offset())
+
+    def scores(self, q: Tensor, rows: Tensor, g: Group) -> Tensor:
+        return self._band(_matmul(self.queries(q, g), self._windows(rows, g)))
+
+    def weighted_sum(self, p: Tensor, rows: Tensor, g: Group) -> Tensor:
+        full = p.new_zeros(*p.shape[:-1], self._span(g))
+        self._band(full).copy_(p)
+        return _matmul(full, self._windows(rows, g).transpose(-1, -2)).flatten(-3, -2)
+
+    def arrange(self, values: Tensor, g: Group) -> Tensor:
+        *outer, step = values.stride()
+        shape = (*values.shape[:-1], g.n_blocks, g.block, self.width)
+        return values.as_strided(shape, (*outer, g.block * step, step, step), values.storage_offset() + g.start * step)
+
+    def position(self, table: Tensor, g: Group) -> Tensor:
+        return self.queries(table, g)
 
 
 def _matmul(a: Tensor, b: Tensor) -> Tensor:

@@ -63,11 +63,12 @@ def test_evaluation_counts_the_tokens_it_evaluates_and_the_bin_mix_of_their_inpu
                       torch.randint(50, 100, (30,), generator=gen)])
     tokens = torch.cat([head[torch.randperm(241, generator=gen)], torch.randint(50, 100, (60,), generator=gen)])
     counter = counter_for(model)
-    calls, hooks = quantizer_calls(model)
     result = evaluate_stream(model, tokens, chunk=64, limit_tokens=241, counter=counter, progress=False)
+    report = counter.report()
+    calls, hooks = quantizer_calls(model)  # the quantizer calls of the same evaluation, run plainly
+    evaluate_stream(model, tokens, chunk=64, limit_tokens=241, progress=False)
     for h in hooks:
         h.remove()
-    report = counter.report()
     assert result.predictions == 241 and report.samples == 241  # 4 measured calls: 64, 64, 64, 49
 
     # Embedding projections (no bias): d_i·D mults and (d_i − 1)·D adds per token of bin i, averaged over all.
@@ -119,9 +120,11 @@ def full_size():
     inputs = torch.tensor([5, 4000, 30000, 7])
     targets = torch.tensor([9, 100000, 3600, 1])
     counter = counter_for(model)
-    calls, hooks = quantizer_calls(model)
     with torch.no_grad(), counter.measure(samples=4):
         nll, _ = model(inputs, targets, state)
+    calls, hooks = quantizer_calls(model)  # the quantizer calls of the same forward, run plainly
+    with torch.no_grad():
+        model(inputs, targets, state)
     for h in hooks:
         h.remove()
     assert torch.isfinite(nll).all()

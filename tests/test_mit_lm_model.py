@@ -43,6 +43,24 @@ def test_matches_naive_reference(quantized):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("quantized", [True, False], ids=["quantize.Transformer", "model.Transformer"])
+@pytest.mark.parametrize("fused", [True, False], ids=["padded-band", "exact-window"])
+@pytest.mark.parametrize("block, queries", [(1, 1), (2, 5), (3, 7), (4, 100), (64, 512)])
+def test_both_window_plans_match_naive_reference(quantized, fused, block, queries):
+    """The attention band (C = 6 keys) and the cache (12 slots) by either plan, blocks that do not divide the chunk
+    (7 tokens), blocks wider than the chunk or the window, one query per group: the naive per-token values."""
+    model, sd, cfg = tiny_model(quantized)
+    for part in [*model.layers, model.loss.cache]:
+        part.fused = fused
+        part.fused_block, part.fused_queries = block, queries
+    for layer in model.layers:
+        layer.attention_block, layer.attention_queries = block, queries
+    model.loss.cache.block, model.loss.cache.max_queries = block, queries
+    tokens = stream()
+    torch.testing.assert_close(run_chunks(model, tokens, chunk=7), reference_nll(sd, cfg, tokens, quantized),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_without_cache_matches_reference():
     model, sd, cfg = tiny_model(use_cache=False)
     tokens = stream(seed=3)
