@@ -151,6 +151,8 @@ class Blocks(nn.Module):
         super().__init__()
         self.quant = Quantize()
         self.linear = nn.Linear(8, 5)
+        self.out_quant = ScaleQuantize()
+        self.spare = nn.Linear(2, 3)  # never runs, its parameters read by no op: not stored
         self.hinted = hinted
         self.priced = 0
 
@@ -160,7 +162,20 @@ class Blocks(nn.Module):
 
     def step(self, a):
         self.priced += a.is_meta
-        return torch.relu(self.linear(a))
+        return self.out_quant(torch.relu(self.linear(a)))
+
+
+class ScaleQuantize(nn.Module):
+    """Rounds to a grid of a stored step (a buffer read only as the quantizer's scale: stored for inference)."""
+
+    output_bits = 8
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("step", torch.tensor(0.25))
+
+    def forward(self, x):
+        return torch.round(x / self.step) * self.step
 
 
 CALLS = [(3, False), (3, False), (2, False), (3, True), (3, False), (2, False), (3, True)]
@@ -182,6 +197,8 @@ def test_a_shape_priced_block_is_priced_once_per_signature_and_counts_as_op_by_o
     memo_report, plain_report = _measure(memo).report(), _measure(plain).report()
     assert memo.priced == 3  # (3, unmarked), (2, unmarked), (3, 6-bit marked): each priced on its first call only
     assert memo_report.model_dump() == plain_report.model_dump()
+    # stored: the linear's 40 + 5 entries at 4 bits, the quantizer's step at 32 bits; not the spare layer's
+    assert memo_report.storage == pytest.approx(45 * 4 / 32 + 1)
     # by hand, per row: 8·5 mults, 7·5 + 5 adds; the mults at the wider of the 4-bit weight and the input: 6 bits
     # for the 6 quantized rows, 32 for the 13 others; adds at the 32-bit accumulator
     row = memo_report.layer("linear")

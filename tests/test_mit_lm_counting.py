@@ -88,6 +88,18 @@ def test_evaluation_counts_the_tokens_it_evaluates_and_the_bin_mix_of_their_inpu
     assert report.conversions == 5 * sum(calls.values())
     assert all(r.flops == 0 for r in report.layers if r.name in calls)
 
+    # Stored for inference, by hand from the configuration: the tied tables once, the projections (no bias), per
+    # layer the position table, two layer norms, qkv, out (no bias) and the FFN, the clusters and the output
+    # biases, and the two scalars (max_abs, inv_scale) of each of the 7 per layer + 1 quantizers.
+    heads, n_k, inner, L = cfg["n_head"], cfg["n_k"], cfg["n_inner"], cfg["n_layers"]
+    edges = [0, *cfg["cutoffs"], cfg["n_vocab"]]
+    tables = sum((hi - lo) * w for lo, hi, w in zip(edges, edges[1:], dims))
+    projections = 2 * sum(w * d for w in dims[1:])  # input and output side
+    qkv = heads * (2 * n_k + cfg["n_v"])
+    layer = n_k * (cfg["n_seq"] + 1) + 4 * d + d * qkv + qkv + heads * cfg["n_v"] * d + 2 * d * inner + inner + d
+    head = d * len(cfg["cutoffs"]) + len(cfg["cutoffs"]) + cfg["n_vocab"]
+    assert report.parameters == tables + projections + L * layer + head + 2 * (7 * L + 1)
+
 
 def test_example_input_gives_the_projection_costs_at_the_test_split_frequencies():
     model = dense_model(SMALL)

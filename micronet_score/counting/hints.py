@@ -6,13 +6,13 @@ returns ``fast(*args)``:
 
 * outside any dispatch mode (plain evaluation) it just runs ``fast(*args)`` (on real tensors);
 * under the counter (:class:`~micronet_score.counting.interpreter.CountingMode`), ``fast(*args)`` runs outside
-  the dispatch and function modes (unpriced, at plain speed; every tensor of ``args`` and of the reference's
-  module counts as read), and ``reference(*args)`` is priced by running it on meta copies (same shapes, strides and
-  dtypes, no values) of the tensors in ``args`` and of the parameters and buffers of the module that
-  ``reference`` is a method of. Each copy stands for its real tensor: a weight's copy has the weight's stored
-  width and representation, a quantizer-marked activation's copy has its mark, and the real tensors count as
-  read. The count is the reference's, op by op and module by module (its submodules' hooks run as usual), and
-  what runs is the fast computation;
+  the dispatch and function modes (unpriced, at plain speed), and ``reference(*args)`` is priced by running it
+  on meta copies (same shapes, strides and dtypes, no values) of the tensors in ``args`` and of the parameters
+  and buffers of the module that ``reference`` is a method of. Each copy stands for its real tensor: a weight's
+  copy has the weight's stored width and representation, a quantizer-marked activation's copy has its mark, and
+  a stored tensor whose copy the reference reads (as a real forward would: a parameter taken by any op, a
+  buffer read as an operand or a scale) is stored for inference. The count is the reference's, op by op and
+  module by module (its submodules' hooks run as usual), and what runs is the fast computation;
 * where an argument is a meta tensor (shape-only counting: nothing to compute) or another dispatch mode is
   active (a different counter, a tracer), ``reference(*args)`` runs, so that what is seen is the reference
   computation.

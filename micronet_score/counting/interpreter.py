@@ -224,16 +224,19 @@ _UNKNOWN = object()
 
 
 class PricedCall:
-    """What pricing a hint's reference charged (its tally and dense dot products of stored weights) and what it
-    told of its outputs (a stored tensor's info or a mark, per output): added again, as it was, for a call of the
-    same signature."""
+    """What pricing a hint's reference charged (its tally and dense dot products of stored weights), the stored
+    tensors it read (by storage key), and what it told of its outputs (a stored tensor's info or a mark, per
+    output): added again, as it was, for a call of the same signature."""
 
-    def __init__(self, tally: Tally, dot_uses: dict) -> None:
+    def __init__(self, tally: Tally, dot_uses: dict, read: set[int]) -> None:
         self.tally = tally
         self.dot_uses = dot_uses
+        self.read = read
         self.outputs: list[Any] = []
 
     def add_to(self, mode: CountingMode) -> None:
+        mode.read |= self.read
+        mode.watch -= self.read
         mode.tally.merge(self.tally)
         for key, (info, uses) in self.dot_uses.items():
             mine = mode.dot_uses.setdefault(key, (info, {}))[1]
@@ -449,8 +452,8 @@ class CountingMode(TorchDispatchMode):
     def hint(self, fast: Any, reference: Any, tensors: list[torch.Tensor], key: Any = None) -> Any:
         """A pricing hint (:mod:`hints`): ``fast()`` runs outside the counting modes (unpriced, at plain speed)
         and gives the result; ``reference(copies)`` runs on meta copies of ``tensors`` and is priced. Each copy
-        stands for its tensor (read for inference, the same stored width and representation, or the same mark);
-        the result takes the reference's marks.
+        stands for its tensor (the same stored width and representation, or the same mark; a stored tensor is
+        read for inference where the reference reads its stand-in); the result takes the reference's marks.
 
         ``key``: what else the reference's ops depend on (the hint's non-tensor arguments, modes). With a
         :attr:`memo`, a reference priced once for the same key, tensor layouts and widths, and place in the model
@@ -459,17 +462,20 @@ class CountingMode(TorchDispatchMode):
         memo_key = self._memo_key(key, tensors) if key is not None and self.memo is not None else None
         priced = self.memo.entries.get(memo_key) if memo_key is not None else None
         if priced is not None:
-            for real in tensors:
-                self._taken((real,))
             with torch._C.DisableTorchFunction(), _disable_current_modes():
                 out = fast()
             priced.replay(self, flat_tensors(out))
             return out
         copies = self._run_unpriced(
             lambda: [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tensors], (), {})
+        stand_ins = {}  # the stand-ins of stored tensors: copy's storage -> the tensor's
         for real, copy in zip(tensors, copies, strict=True):
-            self._taken((real,))
             self.copied(real, copy)
+            info = self.weights.get(storage_key(real))
+            if info is not None:
+                stand_ins[storage_key(copy)] = storage_key(real), info.is_parameter
+        watched = {c for c, (real, is_parameter) in stand_ins.items() if is_parameter and real in self.watch}
+        self.watch |= watched  # an op that takes a parameter's stand-in takes the parameter
         with torch._C.DisableTorchFunction(), _disable_current_modes():
             out = fast()
         outer = self.tally, self.dot_uses, len(self.norms), len(self.dropped)
@@ -479,7 +485,9 @@ class CountingMode(TorchDispatchMode):
             priced = reference(copies)
         finally:
             self.meta_fast = shortcuts
-            inner = PricedCall(self.tally, self.dot_uses)
+            self.watch -= watched
+            read = {real for copy, (real, _) in stand_ins.items() if copy in self.read}
+            inner = PricedCall(self.tally, self.dot_uses, read)
             self.tally, self.dot_uses = outer[0], outer[1]
             inner.add_to(self)
         self.facts.linear = None  # the reference's last linear output is a meta copy: nothing outside follows it
@@ -721,10 +729,11 @@ class CountingMode(TorchDispatchMode):
     # --- width flow -----------------------------------------------------------------------------------------
 
     def touch(self, tensor: Any) -> None:
-        """A stored tensor read as a Python number (a quantizer's scale): it is needed for inference."""
+        """A stored tensor (or a pricing hint's stand-in for one) read as a Python number (a quantizer's scale): it
+        is needed for inference."""
         if isinstance(tensor, torch.Tensor) and not tensor.is_nested:
             key = storage_key(tensor)
-            if key in self.weights:
+            if key in self.weights or key in self.derived:
                 self.read.add(key)
 
     def flow(self, flow: Flow, args: tuple, out: Any) -> None:
