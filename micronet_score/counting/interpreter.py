@@ -235,6 +235,7 @@ class PricedCall:
         self.outputs: list[Any] = []
 
     def add_to(self, mode: CountingMode) -> None:
+        mode.facts.linear = None  # the reference's last linear output was a meta copy: nothing outside follows it
         mode.read |= self.read
         mode.watch -= self.read
         mode.tally.merge(self.tally)
@@ -245,7 +246,6 @@ class PricedCall:
 
     def replay(self, mode: CountingMode, outputs: list[torch.Tensor]) -> None:
         self.add_to(mode)
-        mode.facts.linear = None
         for tensor, identity in zip(outputs, self.outputs, strict=True):
             if isinstance(identity, TensorInfo):
                 mode.derive(tensor, identity)
@@ -462,8 +462,7 @@ class CountingMode(TorchDispatchMode):
         memo_key = self._memo_key(key, tensors) if key is not None and self.memo is not None else None
         priced = self.memo.entries.get(memo_key) if memo_key is not None else None
         if priced is not None:
-            with torch._C.DisableTorchFunction(), _disable_current_modes():
-                out = fast()
+            out = _outside_modes(fast)
             priced.replay(self, flat_tensors(out))
             return out
         copies = self._run_unpriced(
@@ -476,8 +475,7 @@ class CountingMode(TorchDispatchMode):
                 stand_ins[storage_key(copy)] = storage_key(real), info.is_parameter
         watched = {c for c, (real, is_parameter) in stand_ins.items() if is_parameter and real in self.watch}
         self.watch |= watched  # an op that takes a parameter's stand-in takes the parameter
-        with torch._C.DisableTorchFunction(), _disable_current_modes():
-            out = fast()
+        out = _outside_modes(fast)
         outer = self.tally, self.dot_uses, len(self.norms), len(self.dropped)
         self.tally, self.dot_uses = Tally(), {}
         shortcuts, self.meta_fast = self.meta_fast, self.meta_fast or META_FAST
@@ -490,7 +488,6 @@ class CountingMode(TorchDispatchMode):
             inner = PricedCall(self.tally, self.dot_uses, read)
             self.tally, self.dot_uses = outer[0], outer[1]
             inner.add_to(self)
-        self.facts.linear = None  # the reference's last linear output is a meta copy: nothing outside follows it
         got, want = flat_tensors(out), flat_tensors(priced)
         if [(t.shape, t.dtype) for t in got] != [(t.shape, t.dtype) for t in want]:
             raise CountingBug(f"internal error: a pricing hint's fast computation gave {[tuple(t.shape) for t in got]}"
@@ -812,3 +809,9 @@ def flat_tensors(output: Any) -> list[torch.Tensor]:
     if isinstance(output, (tuple, list)):
         return [t for o in output for t in flat_tensors(o)]
     return []
+
+
+def _outside_modes(run: Any) -> Any:
+    """``run()`` with no dispatch or function mode active: a pricing hint's fast computation, at plain speed."""
+    with torch._C.DisableTorchFunction(), _disable_current_modes():
+        return run()
