@@ -153,6 +153,15 @@ def _quantizer(cfg: MitLMConfig) -> nn.Module:
     return ActivationQuantizer(cfg.bits) if cfg.quantized else nn.Identity()
 
 
+def _fast_when_plain(part: nn.Module, fast: Any, reference: Any, *args: Any) -> Any:
+    """``fast(*args)`` where plain evaluation may take it (``part.fused``, no gradient), priced under a counter as
+    ``reference(*args)`` (a pricing hint: once per shape); else ``reference(*args)`` itself (training, and
+    ``fused = False``: the reference counted op by op, for comparisons)."""
+    if part.fused and not torch.is_grad_enabled():
+        return priced_as(fast, reference, *args)
+    return reference(*args)
+
+
 def _window_scores(window: SlidingWindow, g: Any, q: Tensor, keys: Tensor, position: Tensor, mask: Tensor | None,
                    scale: float) -> Tensor:
     """s = (q_h · k_{p−96+t} + q_h · r_t) · n_k^−½ over the band (plus −inf on masked zero memory)."""
@@ -266,8 +275,7 @@ class DecoderLayer(nn.Module):
         runs as padded band products (:meth:`fused_step`); what a counter prices is :meth:`step`, whose products
         are exactly the window's, and since its ops depend on shapes only, once per shape (a pricing hint,
         :func:`~micronet_score.hints.priced_as`), not once per chunk."""
-        run = self.fused_step if self.fused and not torch.is_grad_enabled() else self.step
-        y, kv = priced_as(run, self.step, x, memory.kv, memory.filled)
+        y, kv = _fast_when_plain(self, self.fused_step, self.step, x, memory.kv, memory.filled)
         return y, LayerMemory(kv, min(self.cfg.n_seq, memory.filled + x.shape[0]))
 
     def step(self, x: Tensor, kv: Tensor, filled: int) -> tuple[Tensor, Tensor]:
@@ -377,9 +385,8 @@ class NeuralCache(nn.Module):
     ) -> tuple[Tensor, Cache]:
         """Without gradient (and ``fused``) the window products run as padded band products (:meth:`fused_step`);
         a counter prices :meth:`step`, exactly the window's products, once per shape (a pricing hint)."""
-        run = self.fused_step if self.fused and not torch.is_grad_enabled() else self.step
-        mixed, keys, values = priced_as(run, self.step, h, targets, log_p, cache.keys, cache.values, cache.filled,
-                                        theta, lam)
+        mixed, keys, values = _fast_when_plain(self, self.fused_step, self.step, h, targets, log_p, cache.keys,
+                                               cache.values, cache.filled, theta, lam)
         return mixed, Cache(keys, values, min(self.cfg.n_cache, cache.filled + h.shape[0]))
 
     def step(self, h: Tensor, targets: Tensor, log_p: Tensor, cache_keys: Tensor, cache_values: Tensor,
@@ -556,9 +563,7 @@ class AdaptiveSoftmax(nn.Module):
         (:meth:`_log_prob_reference`, the log-softmax of every bin) through a pricing hint
         (:func:`~micronet_score.hints.priced_as`): the count is the reference's, op by op. Training,
         shape-only counting (meta tensors), other dispatch modes and ``fused = False`` run the reference path."""
-        if self.fused and not torch.is_grad_enabled():
-            return priced_as(self._log_prob_fused, self._log_prob_reference, h, targets)
-        return self._log_prob_reference(h, targets)
+        return _fast_when_plain(self, self._log_prob_fused, self._log_prob_reference, h, targets)
 
     def _log_prob_reference(self, h: Tensor, targets: Tensor) -> Tensor:
         """The log-softmax of every bin, block by block of rows, into buffers re-used from block to block: the

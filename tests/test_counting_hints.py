@@ -102,13 +102,14 @@ def test_hint_whose_fast_and_reference_shapes_differ_is_an_internal_error():
 
 
 def _counted_eval(model: MitLM, tokens: torch.Tensor, fused: bool):
-    model.loss.fused = fused
+    for part in (model.loss, model.loss.cache, *model.layers):  # the fast paths, or their references op by op
+        part.fused = fused
     counter = Counter(model, track="wikitext103", bits=model.config.bits)
     result = evaluate_stream(model, tokens, chunk=20, counter=counter, progress=False)
     return result, counter.report()
 
 
-def test_mit_counted_evaluation_with_the_fast_head_counts_as_the_reference_head(monkeypatch):
+def test_mit_counted_evaluation_through_the_fast_paths_counts_as_their_references_op_by_op(monkeypatch):
     torch.manual_seed(0)
     model = MitLM(MitLMConfig.from_mapping(SMALL)).eval()
     with torch.no_grad():
@@ -128,8 +129,9 @@ def test_mit_counted_evaluation_with_the_fast_head_counts_as_the_reference_head(
     where.clear()
     reference, reference_report = _counted_eval(model, tokens, fused=False)
     assert where and set(where) == {"cpu"}
-    # every count equal; only the number of op calls differs: on meta the priced reference takes all rows in one
-    # block (no memory to bound) where the real one takes blocks of 7
+    # every count equal; only the number of op calls differs: on meta the priced reference head takes all rows in
+    # one block (no memory to bound) where the real one takes blocks of 7, and the layers and the cache are priced
+    # once per shape (the third chunk of 20 adds the second's count; the first has empty memory and cache)
     fast_dump, reference_dump = fast_report.model_dump(), reference_report.model_dump()
     fast_calls = sum(op.pop("calls") for op in fast_dump["ops"])
     reference_calls = sum(op.pop("calls") for op in reference_dump["ops"])
