@@ -358,12 +358,10 @@ def eval_command(
         checkpoint, demo_config, demo_data = demo_paths()
         config, data = config or demo_config, data or demo_data
     options = _options(rules, track, bits, act_bits, freebie, strict, representation)
-    with steps(1, show=_progress(as_json)) as bar:
-        bar.step(f"loading {checkpoint}")
-        loaded = _load(checkpoint, model, config, device, trust_pickle, model_args)
     if data is None:
         raise MicronetError("eval needs the test data (--data); `micronet-score count` counts without data")
-    report = _measure(loaded, options, data, split, limit_tokens, vocab, labels, device, _progress(as_json))
+    loaded, report = _load_and_measure(checkpoint, model, config, device, trust_pickle, options, data, split,
+                                       limit_tokens, vocab, labels, _progress(as_json), model_args)
     report = _assumed_noted(loaded, _declared_widths_checked(loaded, options, report))
     _emit(report, as_json, f"{loaded.name}: {checkpoint}", verbose)
 

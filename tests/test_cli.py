@@ -46,6 +46,12 @@ def test_eval_without_arguments_scores_the_demo(demo_eval):
     assert demo_eval["conversions"] > 0  # the 9-bit activation quantizers
 
 
+def test_eval_of_a_checkpoint_without_data_is_refused_before_loading_it(cli, tmp_path):
+    code, out, err = cli("eval", str(tmp_path / "never-read.pt"))
+    assert code == 2 and out == ""
+    assert "eval needs the test data (--data)" in err and "never-read" not in err
+
+
 def test_report_validates_against_the_published_schema(cli, demo_eval):
     schema = _json(cli, "schema")
     jsonschema.validate(demo_eval, schema)
